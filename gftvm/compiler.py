@@ -1,0 +1,136 @@
+"""``gftvm.compile``: forward ONNX model -> compiled train step -> artifact directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+
+from . import __version__, trainable as trainable_policy
+from .errors import ConfigError
+from .frontend import onnx as onnx_frontend
+from .runtime import FORMAT_VERSION, MANIFEST, sha256
+from .state import TrainState, write_state
+from .train_graph import OptimizerConfig, build_train_module
+
+TARGETS = ("host",)
+LIBRARY = "train_step.so"
+STATE = "state.npz"
+
+
+def host_target() -> tvm.target.Target:
+    """The build machine's CPU, as LLVM names it."""
+    return tvm.target.Target({"kind": "llvm",
+                              "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+
+
+@dataclass
+class Artifact:
+    """A compiled train step with its initial parameters and optimizer state."""
+
+    executable: relax.Executable
+    manifest: dict
+    state: TrainState
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write library, state and manifest to ``directory`` (created if needed). The manifest
+        is written last, so a directory with a manifest is complete."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        manifest_path = os.path.join(directory, MANIFEST)
+        if os.path.exists(manifest_path):
+            os.unlink(manifest_path)
+        library = os.path.join(directory, LIBRARY)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            self.executable.export_library(os.path.join(tmp, LIBRARY))
+            os.replace(os.path.join(tmp, LIBRARY), library)
+        write_state(os.path.join(directory, STATE), self.state)
+        files = {"library": {"path": LIBRARY, "sha256": sha256(library)},
+                 "state": {"path": STATE, "sha256": sha256(os.path.join(directory, STATE))}}
+        with open(manifest_path + ".tmp", "w") as f:
+            json.dump({**self.manifest, "files": files}, f, indent=1)
+        os.replace(manifest_path + ".tmp", manifest_path)
+
+    def summary(self) -> str:
+        """A one-screen description of the artifact."""
+        m = self.manifest
+        params = {p["name"]: p for p in m["params"]}
+        count = lambda names: sum(int(np.prod(params[n]["shape"])) for n in names)
+        return "\n".join([
+            f"model      {m['model']}",
+            f"target     {m['target']['name']} ({m['target']['tvm']})",
+            f"input      {m['input']['name']} {m['input']['dtype']}{m['input']['shape']}, "
+            f"{m['num_classes']} classes",
+            f"trainable  {m['trainable_spec']}: {len(m['trainable'])} tensors, "
+            f"{count(m['trainable']):,} of {count(params):,} parameters",
+            f"optimizer  {m['optimizer']}",
+            f"filter     {m['gradient_filter']}",
+            f"versions   gftvm {m['versions']['gftvm']}, tvm {m['versions']['tvm']}",
+        ])
+
+
+def compile(model: onnx_frontend.ModelLike, target: str = "host",
+            trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
+            optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
+            weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8, filter: None = None,
+            progress: Callable[[str], None] | None = None) -> Artifact:
+    """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
+    ``predict`` function of a forward ONNX model. See README for the options."""
+    say = progress or (lambda message: None)
+    if target not in TARGETS:
+        raise ConfigError(f"target={target!r}: supported targets are {', '.join(TARGETS)}")
+    if filter is not None:
+        raise ConfigError("gradient filtering is not available yet: pass filter=None")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: must be positive")
+    where = "<onnx.ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    opt = OptimizerConfig(optimizer, lr, momentum, weight_decay, tuple(betas), eps)
+    relax_optimizer = opt.build()
+
+    start = time.perf_counter()
+    proto = onnx_frontend.load_model(model)
+    names = trainable_policy.resolve(proto, trainable)
+    onnx_frontend.check_differentiable(proto, set(names), where)
+    forward = onnx_frontend.import_model(proto, batch_size, where)
+    say(f"imported {where} ({len(proto.graph.node)} nodes) in {time.perf_counter() - start:.1f}s")
+
+    start = time.perf_counter()
+    mod, params, optim = build_train_module(forward, names, batch_size, relax_optimizer)
+    say(f"built the training graph in {time.perf_counter() - start:.1f}s")
+
+    start = time.perf_counter()
+    tvm_target = host_target()
+    executable = tvm.compile(mod, target=tvm_target)
+    say(f"compiled for {target} in {time.perf_counter() - start:.1f}s")
+
+    image = onnx_frontend.image_input(proto)
+    predict = mod["predict"]
+    param_names = [p.name for p in predict.params[1:]]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": where,
+        "target": {"name": target, "arch": platform.machine(), "tvm": str(tvm_target)},
+        "input": {"name": image.name, "shape": [int(d) for d in predict.params[0].ty.shape],
+                  "dtype": "float32"},
+        "num_classes": int(predict.ret_ty.shape[1]),
+        "params": [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype)}
+                   for n, v in zip(param_names, params)],
+        "trainable_spec": trainable if isinstance(trainable, str) else "list",
+        "trainable": names,
+        "optimizer": opt.to_json(),
+        "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)} for v in optim],
+        "gradient_filter": None,
+        "versions": {"gftvm": __version__, "tvm": tvm.__version__},
+    }
+    state = TrainState(dict(zip(param_names, params)), optim, {"steps": 0})
+    return Artifact(executable, manifest, state)

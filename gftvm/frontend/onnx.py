@@ -1,0 +1,160 @@
+"""Forward ONNX model -> Relax module whose ops all have registered gradients.
+
+TVM's ONNX importer lowers ``Clip`` and ``Pad`` through ``emit_te``, i.e. to opaque ``call_tir``
+calls that ``relax.transform.Gradient`` refuses. While importing, gftvm swaps in converters
+that emit differentiable Relax ops instead:
+
+- ``Clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)`` (both have registered gradients),
+- ``Pad(mode="constant")`` -> ``relax.nn.pad``, whose gradient (a slice) gftvm registers
+  in :mod:`gftvm.frontend.gradients`.
+
+Every other op keeps TVM's converter. Before importing, every node that lies on a path from a
+trainable parameter to the output is checked against :data:`DIFFERENTIABLE_OPS`, so an op
+that cannot be differentiated is reported by op type and node name, not deep inside TVM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from ..errors import ModelError, UnsupportedOpError
+from . import gradients  # noqa: F401  (registers the gradients the converters rely on)
+
+#: ONNX ops that gftvm can import *and* differentiate (on a path from a trained parameter).
+DIFFERENTIABLE_OPS = frozenset({
+    "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "Div", "Flatten",
+    "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Pad", "ReduceMean",
+    "Relu", "Reshape", "Sigmoid", "Sub", "Transpose",
+})
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+
+
+def load_model(model: ModelLike) -> onnx.ModelProto:
+    """Read and validate an ONNX model, raising :class:`ModelError` naming the file."""
+    if isinstance(model, onnx.ModelProto):
+        proto, where = model, "<onnx.ModelProto>"
+    else:
+        where = os.fspath(model)
+        try:
+            proto = onnx.load(where)
+        except FileNotFoundError as err:
+            raise ModelError(f"ONNX model file not found: {where}") from err
+        except Exception as err:  # protobuf raises DecodeError and friends
+            raise ModelError(f"cannot parse ONNX model {where}: {err}") from err
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise ModelError(f"invalid ONNX model {where}: {err}") from err
+    if len(proto.graph.input) - _count_initializer_inputs(proto) != 1:
+        raise ModelError(f"{where}: gftvm expects exactly one image input, got "
+                         f"{[i.name for i in proto.graph.input]}")
+    return proto
+
+
+def _count_initializer_inputs(proto: onnx.ModelProto) -> int:
+    names = {init.name for init in proto.graph.initializer}
+    return sum(inp.name in names for inp in proto.graph.input)
+
+
+def check_differentiable(proto: onnx.ModelProto, trainable: set[str], where: str) -> None:
+    """Raise :class:`UnsupportedOpError` for the first node on a trained path that gftvm
+    cannot differentiate. Nodes fed only by frozen tensors need no gradient and may be anything
+    the importer accepts."""
+    tainted = set(trainable)
+    for node in proto.graph.node:
+        if not tainted.intersection(node.input):
+            continue
+        if node.op_type not in DIFFERENTIABLE_OPS or node.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(
+                f"{where}: op {node.domain or 'ai.onnx'}::{node.op_type} (node '{node.name}') "
+                f"lies between trainable parameters and the loss, and gftvm cannot differentiate "
+                f"it. Differentiable ops: {', '.join(sorted(DIFFERENTIABLE_OPS))}")
+        tainted.update(node.output)
+
+
+class _Clip(onnx_frontend.Clip):
+    """Clip as maximum/minimum Relax ops, which the Gradient pass can differentiate."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        dtype = x.ty.dtype
+        if "min" in attr:
+            x = relax.op.maximum(x, relax.const(attr["min"], dtype))
+        if "max" in attr:
+            x = relax.op.minimum(x, relax.const(attr["max"], dtype))
+        return x
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        if inputs[1] is not None:
+            x = relax.op.maximum(x, inputs[1])
+        if len(inputs) > 2 and inputs[2] is not None:
+            x = relax.op.minimum(x, inputs[2])
+        return x
+
+
+class _Pad(onnx_frontend.Pad):
+    """Constant-mode Pad as ``relax.nn.pad``; other modes keep TVM's (non-differentiable) form."""
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        if attr.get("mode", b"constant") != b"constant" or (len(inputs) > 3 and inputs[3]):
+            return super()._impl_v11(bb, inputs, attr, params)
+        pads = onnx_frontend.get_constant(inputs[1], params)
+        if not isinstance(pads, relax.Constant):
+            raise UnsupportedOpError("Pad with pads computed at run time is not supported")
+        pads = pads.data.numpy().tolist()
+        rank = len(pads) // 2
+        pad_width = [int(p) for axis in range(rank) for p in (pads[axis], pads[axis + rank])]
+        value = 0.0
+        if len(inputs) > 2 and inputs[2] is not None:
+            value = onnx_frontend.get_constant(inputs[2], params).data.numpy().item()
+        return relax.op.nn.pad(inputs[0], pad_width, "constant", value)
+
+    _impl_v13 = _impl_v11
+
+
+_CONVERTER_OVERRIDES = {"Clip": _Clip, "Pad": _Pad}
+
+
+@contextlib.contextmanager
+def _differentiable_converters() -> Iterator[None]:
+    original = onnx_frontend._get_convert_map
+    onnx_frontend._get_convert_map = lambda: {**original(), **_CONVERTER_OVERRIDES}
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def import_model(proto: onnx.ModelProto, batch_size: int, where: str) -> tvm.IRModule:
+    """Import ``proto`` with parameters as function inputs (ONNX initializer order) and the
+    image input's batch dimension fixed to ``batch_size``."""
+    image = image_input(proto)
+    shape = [batch_size] + [d.dim_value for d in image.type.tensor_type.shape.dim[1:]]
+    try:
+        with _differentiable_converters():
+            mod = from_onnx(proto, shape_dict={image.name: shape}, keep_params_in_input=True,
+                            sanitize_input_names=False)
+    except tvm.error.OpNotImplemented as err:
+        raise UnsupportedOpError(f"{where}: {err}") from err
+    except Exception as err:
+        raise ModelError(f"{where}: the ONNX importer failed: {err}") from err
+    return mod
+
+
+def image_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The graph input that is not an initializer."""
+    names = {init.name for init in proto.graph.initializer}
+    return next(inp for inp in proto.graph.input if inp.name not in names)

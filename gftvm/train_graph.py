@@ -1,0 +1,139 @@
+"""Turn an imported forward Relax module into a training module.
+
+The result has two entry functions::
+
+    predict(input, *params) -> logits
+    train_step(input, targets, *params, optim_state)
+        -> (loss, (updated trainable params...), new optim_state)
+
+``params`` are all model parameters in ONNX initializer order; only the trainable ones are
+differentiated and updated. ``relax.transform.Gradient`` differentiates only towards the
+trainable parameters, and dead-code elimination after inlining removes every backward op that
+does not lead to one of them: frozen layers get no gradient code, and the grad_x of the first
+trained layer is never computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.training import loss as losses
+from tvm.relax.training import optimizer as optimizers
+from tvm.relax.training.utils import AppendLoss
+
+from .errors import ConfigError, UnsupportedOpError
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and hyper-parameters, with PyTorch's semantics (``torch.optim.SGD``/``Adam``:
+    coupled L2 weight decay, no dampening, Adam bias correction)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def build(self) -> optimizers.Optimizer:
+        if self.name == "sgd" and self.momentum == 0.0:
+            return optimizers.SGD(self.lr, self.weight_decay)
+        if self.name == "sgd":
+            return optimizers.MomentumSGD(self.lr, self.momentum, weight_decay=self.weight_decay)
+        if self.name == "adam":
+            return _Adam(self.lr, self.betas, self.eps, self.weight_decay)
+        raise ConfigError(f"optimizer={self.name!r}: expected 'sgd' or 'adam'")
+
+    def to_json(self) -> dict:
+        if self.name == "adam":
+            return {"name": "adam", "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                    "weight_decay": self.weight_decay}
+        return {"name": "sgd", "lr": self.lr, "momentum": self.momentum,
+                "weight_decay": self.weight_decay}
+
+
+class _Adam(optimizers.Adam):
+    """TVM 0.27's Adam.init passes the parameters' DataType to numpy, which rejects it."""
+
+    def _set_params_and_dtype(self, params: list[relax.Var]) -> None:
+        super()._set_params_and_dtype(params)
+        self.dtype = str(self.dtype)
+
+
+def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: int,
+                       optimizer: optimizers.Optimizer
+                       ) -> tuple[tvm.IRModule, list[np.ndarray], list[np.ndarray]]:
+    """Return the training module, the initial parameters and the initial optimizer state."""
+    forward, param_values = relax.frontend.detach_params(forward)
+    main = forward["main"]
+    params = list(main.params[1:])
+    init_params = [value.numpy() for value in param_values["main"]]
+
+    mod = tvm.IRModule({gv: func for gv, func in forward.functions.items()
+                        if gv.name_hint != "main"})
+    mod["backbone"] = main.with_attr("global_symbol", "backbone")
+    mod = relax.transform.DecomposeOpsForInference("backbone")(mod)
+    logits_type = mod["backbone"].ret_ty
+    targets_type = relax.TensorType((batch_size,), "int64")
+    loss = losses.CrossEntropyLoss(reduction="mean")(logits_type, targets_type)
+    mod = AppendLoss("backbone", loss, 1, "backbone_loss")(mod)
+
+    loss_func = mod["backbone_loss"]
+    by_name = {p.name: p for p in loss_func.params}
+    required = [by_name[name] for name in trainable]
+    try:
+        mod = relax.transform.Gradient("backbone_loss", require_grads=required)(mod)
+    except tvm.TVMError as err:
+        raise UnsupportedOpError(f"Relax cannot differentiate the model: {err}") from err
+    optimizer.init(required)
+    init_state = [value.numpy() for value in optimizer.state]
+
+    mod = _add_train_step(mod, optimizer.get_function(), params, trainable, init_state,
+                          targets_type)
+    mod["predict"] = mod["backbone"].with_attr("global_symbol", "predict")
+    mod = _keep_entries(mod, ["train_step", "predict"])
+    return mod, init_params, init_state
+
+
+def _add_train_step(mod: tvm.IRModule, optimizer: relax.Function, params: list[relax.Var],
+                    trainable: list[str], init_state: list[np.ndarray],
+                    targets_type: relax.TensorType) -> tvm.IRModule:
+    """train_step = optimizer(backbone_loss_adjoint(...)), inlined later into one function."""
+    image = relax.Var("input", mod["backbone"].params[0].ty)
+    targets = relax.Var("targets", targets_type)
+    param_vars = [relax.Var(p.name, p.ty) for p in params]
+    state_type = relax.TupleType([relax.TensorType(s.shape, str(s.dtype)) for s in init_state])
+    state = relax.Var("optim_state", state_type)
+    by_name = {v.name: v for v in param_vars}
+
+    bb = relax.BlockBuilder(mod)
+    optimizer_gv = bb.add_func(optimizer, "optimizer")
+    with bb.function("train_step", [image, targets, *param_vars, state]):
+        with bb.dataflow():
+            adjoint = bb.emit(relax.Call(mod.get_global_var("backbone_loss_adjoint"),
+                                         [image, *param_vars, targets]))
+            loss = bb.emit(relax.TupleGetItem(adjoint, 0))
+            grads = bb.emit(relax.TupleGetItem(adjoint, 1))
+            trained = relax.Tuple([by_name[name] for name in trainable])
+            updated = bb.emit(relax.Call(optimizer_gv, [trained, grads, state]))
+            out = bb.emit_output(relax.Tuple([loss, relax.TupleGetItem(updated, 0),
+                                              relax.TupleGetItem(updated, 1)]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _keep_entries(mod: tvm.IRModule, entries: list[str]) -> tvm.IRModule:
+    """Make every other Relax function private, inline it, and drop what is unused."""
+    functions = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function) and gv.name_hint not in entries:
+            func = func.without_attr("global_symbol")
+        functions[gv] = func
+    mod = tvm.IRModule(functions, attrs=mod.attrs)
+    mod = relax.transform.InlinePrivateFunctions()(mod)
+    mod = relax.transform.CanonicalizeBindings()(mod)
+    return relax.transform.DeadCodeElimination(entries)(mod)

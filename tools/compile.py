@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Compile a forward ONNX model's train step into an artifact directory.
+
+    python tools/compile.py [MODEL.onnx] --target host --train last:4 --batch 8 \
+        --optimizer sgd --lr 0.05 -o OUT_DIR
+
+Without MODEL.onnx it exports and compiles the bundled default model (gftvm.models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import gftvm
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", help="forward ONNX model (default: bundled model)")
+    parser.add_argument("--target", default="host", help="compilation target (default: host)")
+    parser.add_argument("--train", default="all", help="'all', 'last:K' or comma-separated "
+                        "initializer names (default: all)")
+    parser.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="input size of the bundled model (default: 32)")
+    parser.add_argument("-o", "--output", default="out/artifact", help="artifact directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    log = lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+    model = args.model
+    if model is None:
+        from gftvm import models
+
+        os.makedirs(args.output, exist_ok=True)
+        model = os.path.join(args.output, "model.onnx")
+        import torch
+        from gftvm.data import synthetic
+
+        log(f"exporting the bundled model {models.DEFAULT_MODEL} "
+            f"({args.image_size}x{args.image_size}, BN calibrated on generated data) to {model}")
+        images, _ = synthetic(64, image_size=args.image_size, seed=0)
+        models.export_zoo_model(models.DEFAULT_MODEL, model, args.image_size,
+                                calibration=torch.from_numpy(images))
+    trainable = args.train if args.train == "all" or args.train.startswith("last:") \
+        else args.train.split(",")
+    try:
+        artifact = gftvm.compile(model, target=args.target, trainable=trainable,
+                                 batch_size=args.batch, optimizer=args.optimizer, lr=args.lr,
+                                 momentum=args.momentum, weight_decay=args.weight_decay,
+                                 progress=log)
+        artifact.save(args.output)
+    except gftvm.GftvmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    log(f"saved the artifact to {args.output}")
+    print(artifact.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
