@@ -19,20 +19,21 @@ from collections.abc import Sequence
 import onnx
 
 from .errors import ConfigError
+from .frontend.onnx import FLOAT_TYPES
 
 TrainableSpec = str | Sequence[str]
 
 
+#: Op inputs that are state or attributes, never learned (BN statistics, clip bounds, pads).
+_FIXED_INPUTS = {"BatchNormalization": slice(3, 5), "Clip": slice(1, 3), "Pad": slice(1, 4)}
+
+
 def parameters(proto: onnx.ModelProto) -> list[str]:
     """Names of the initializers that are learnable, in initializer order."""
-    running_stats = {name for node in proto.graph.node if node.op_type == "BatchNormalization"
-                     for name in node.input[3:5]}
+    fixed = {name for node in proto.graph.node if node.op_type in _FIXED_INPUTS
+             for name in node.input[_FIXED_INPUTS[node.op_type]]}
     return [init.name for init in proto.graph.initializer
-            if init.data_type in _FLOAT_TYPES and init.name not in running_stats]
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                onnx.TensorProto.BFLOAT16}
+            if init.data_type in FLOAT_TYPES and init.name not in fixed]
 
 
 def resolve(proto: onnx.ModelProto, spec: TrainableSpec) -> list[str]:
@@ -48,7 +49,7 @@ def resolve(proto: onnx.ModelProto, spec: TrainableSpec) -> list[str]:
         unknown = [name for name in spec if name not in params]
         if unknown:
             raise ConfigError(f"trainable names {unknown} are not learnable initializers of the "
-                              f"model (BatchNorm running statistics never are)")
+                              f"model (BatchNorm statistics, Clip bounds and pads never are)")
         chosen = set(spec)
     if not chosen:
         raise ConfigError(f"trainable={spec!r} selects no parameter")

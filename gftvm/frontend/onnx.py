@@ -16,6 +16,7 @@ that cannot be differentiated is reported by op type and node name, not deep ins
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 
@@ -36,6 +37,9 @@ DIFFERENTIABLE_OPS = frozenset({
 })
 
 ModelLike = str | os.PathLike | onnx.ModelProto
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                         onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16})
 
 
 def load_model(model: ModelLike) -> onnx.ModelProto:
@@ -112,17 +116,17 @@ class _Pad(onnx_frontend.Pad):
         if attr.get("mode", b"constant") != b"constant" or (len(inputs) > 3 and inputs[3]):
             return super()._impl_v11(bb, inputs, attr, params)
         pads = onnx_frontend.get_constant(inputs[1], params)
-        if not isinstance(pads, relax.Constant):
+        if not isinstance(pads, tvm.ir.GenericConst):
             raise UnsupportedOpError("Pad with pads computed at run time is not supported")
-        pads = pads.data.numpy().tolist()
+        pads = pads.value.numpy().tolist()
         rank = len(pads) // 2
         pad_width = [int(p) for axis in range(rank) for p in (pads[axis], pads[axis + rank])]
         value = 0.0
         if len(inputs) > 2 and inputs[2] is not None:
-            value = onnx_frontend.get_constant(inputs[2], params).data.numpy().item()
+            value = onnx_frontend.get_constant(inputs[2], params).value.numpy().item()
         return relax.op.nn.pad(inputs[0], pad_width, "constant", value)
 
-    _impl_v13 = _impl_v11
+    _impl_v13 = _impl_v18 = _impl_v19 = _impl_v11
 
 
 _CONVERTER_OVERRIDES = {"Clip": _Clip, "Pad": _Pad}
@@ -143,6 +147,7 @@ def import_model(proto: onnx.ModelProto, batch_size: int, where: str) -> tvm.IRM
     image input's batch dimension fixed to ``batch_size``."""
     image = image_input(proto)
     shape = [batch_size] + [d.dim_value for d in image.type.tensor_type.shape.dim[1:]]
+    proto = _constants_as_nodes(proto)
     try:
         with _differentiable_converters():
             mod = from_onnx(proto, shape_dict={image.name: shape}, keep_params_in_input=True,
@@ -152,6 +157,23 @@ def import_model(proto: onnx.ModelProto, batch_size: int, where: str) -> tvm.IRM
     except Exception as err:
         raise ModelError(f"{where}: the ONNX importer failed: {err}") from err
     return mod
+
+
+def _constants_as_nodes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn non-float initializers (pads, shapes, axes) into Constant nodes, so the importer
+    sees them as constants instead of function inputs; float initializers stay parameters."""
+    proto = copy.deepcopy(proto)
+    constants = [init for init in proto.graph.initializer if init.data_type not in FLOAT_TYPES]
+    if not constants:
+        return proto
+    nodes = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in constants]
+    kept = [init for init in proto.graph.initializer if init.data_type in FLOAT_TYPES]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    old = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes + old)
+    return proto
 
 
 def image_input(proto: onnx.ModelProto) -> onnx.ValueInfoProto:

@@ -1,0 +1,66 @@
+"""Independent references for the tests: the same training steps in PyTorch autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from gftvm import models
+
+
+def prepared_model(name: str, seed: int = 0, image_size: int = 32) -> nn.Module:
+    """A zoo model with seeded weights and BN statistics calibrated on random images, so that
+    activations (and therefore gradients) are far from zero at every depth.
+
+    A random network has many dead channels, whose calibrated variance is ~0, so their BN
+    multiplies gradients by up to 1/sqrt(eps). The variance floor keeps the test model as well
+    conditioned as a trained one; otherwise float rounding, in PyTorch as in gftvm, grows
+    exponentially with depth over a few steps."""
+    torch.manual_seed(seed)
+    model = models.build(name)
+    models.calibrate_batchnorm(model, torch.randn(16, 3, image_size, image_size))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.clamp_(min=0.1)
+    return model
+
+
+def export(model: nn.Module, path, image_size: int = 32):
+    models.export_onnx(model, path, (1, 3, image_size, image_size))
+    return path
+
+
+def torch_optimizer(params: list[nn.Parameter], manifest_optimizer: dict) -> torch.optim.Optimizer:
+    config = dict(manifest_optimizer)
+    name = config.pop("name")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=config["lr"], betas=tuple(config["betas"]),
+                                eps=config["eps"], weight_decay=config["weight_decay"])
+    return torch.optim.SGD(params, **config)
+
+
+def torch_steps(model: nn.Module, trainable: list[str], optimizer: dict,
+                batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[float], dict]:
+    """Train ``trainable`` parameters of ``model`` (BN in eval mode) on ``batches``; return the
+    losses and the final state_dict as numpy arrays."""
+    model.eval()
+    named = dict(model.named_parameters())
+    for name, param in named.items():
+        param.requires_grad_(name in trainable)
+    opt = torch_optimizer([named[name] for name in trainable], optimizer)
+    losses = []
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def random_batches(count: int, batch: int, image_size: int = 32, classes: int = 10,
+                   seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32),
+             rng.integers(0, classes, batch).astype(np.int64)) for _ in range(count)]

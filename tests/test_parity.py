@@ -1,0 +1,101 @@
+"""Compiled train steps match PyTorch autograd doing the same steps."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+import gftvm
+from reference import export, prepared_model, random_batches, torch_steps
+
+OPTIMIZERS = {
+    "sgd": dict(optimizer="sgd", lr=5e-4, momentum=0.9, weight_decay=1e-4),
+    # Adam's step is lr * g / (|g| + eps): for a gradient within float rounding of zero it
+    # turns rounding noise into a full step, in any two implementations. A large eps (and no
+    # weight decay, whose g + wd*p can cancel) bounds that sensitivity to lr/eps.
+    "adam": dict(optimizer="adam", lr=1e-4, eps=1e-2),
+}
+BATCH = 4
+
+
+def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: int = 32,
+                 steps: int = 3) -> gftvm.runtime.Session:
+    tmp_path = path.parent
+    gftvm.compile(path, trainable=trainable, batch_size=BATCH,
+                  **OPTIMIZERS[optimizer]).save(tmp_path / "art")
+    session = gftvm.runtime.load(tmp_path / "art")
+    initial = session.parameters()
+    batches = random_batches(steps, BATCH, image_size)
+    losses = [session.step(x, y) for x, y in batches]
+
+    expected_losses, expected = torch_steps(copy.deepcopy(model), session.manifest["trainable"],
+                                            session.manifest["optimizer"], batches)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
+    trained = set(session.manifest["trainable"])
+    for name, value in session.parameters().items():
+        if name in trained:
+            np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5,
+                                       err_msg=name)
+            assert not np.array_equal(value, initial[name]), f"{name} was not updated"
+        else:
+            assert np.array_equal(value, initial[name]), f"frozen {name} changed"
+    return session
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("trainable", ["all", "last:4"])
+@pytest.mark.parametrize("name", ["mobilenetv2-0.35", "resnet18", "mcunet"])
+def test_zoo_matches_pytorch(name, trainable, optimizer, tmp_path):
+    model = prepared_model(name)
+    path = export(model, tmp_path / "model.onnx")
+    session = check_parity(model, path, trainable, optimizer)
+    if trainable == "last:4":
+        assert len(session.manifest["trainable"]) < len(session.manifest["params"])
+
+
+def pad_clip_model(path) -> nn.Module:
+    """ONNX Pad -> Conv -> Clip -> GlobalAveragePool -> Gemm, written by hand (TVM's importer
+    lowers Pad and Clip to call_tir, which Relax cannot differentiate), and the same net in
+    PyTorch with the same weights."""
+    torch.manual_seed(0)
+    conv, fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 10)
+    tensor = lambda name, value: numpy_helper.from_array(value.detach().numpy(), name)
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["input", "pads"], ["padded"], mode="constant"),
+         helper.make_node("Conv", ["padded", "conv.weight", "conv.bias"], ["conv"]),
+         helper.make_node("Clip", ["conv", "lo", "hi"], ["clipped"]),
+         helper.make_node("GlobalAveragePool", ["clipped"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], transB=1)],
+        "pad_clip",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 9, 9])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10])],
+        [tensor("conv.weight", conv.weight), tensor("conv.bias", conv.bias),
+         tensor("fc.weight", fc.weight), tensor("fc.bias", fc.bias),
+         numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 1, 2], np.int64), "pads"),
+         numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
+         numpy_helper.from_array(np.array(0.7, np.float32), "hi")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+    class PadClipNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = conv, fc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.clamp(self.conv(nn.functional.pad(x, (1, 2, 0, 1))), -0.5, 0.7)
+            return self.fc(x.mean((2, 3)))
+
+    return PadClipNet()
+
+
+def test_pad_and_clip_are_differentiated(tmp_path):
+    path = tmp_path / "model.onnx"
+    model = pad_clip_model(path)
+    session = check_parity(model, path, ["conv.weight", "conv.bias", "fc.weight", "fc.bias"],
+                           "sgd", image_size=9)
+    assert "lo" not in session.manifest["trainable"]
