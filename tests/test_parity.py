@@ -40,9 +40,12 @@ def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: 
         if name in trained:
             np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5,
                                        err_msg=name)
-            assert not np.array_equal(value, initial[name]), f"{name} was not updated"
+            assert np.array_equal(value, initial[name]) == np.array_equal(
+                expected[name], initial[name]), f"{name} updated in only one of the two"
         else:
             assert np.array_equal(value, initial[name]), f"frozen {name} changed"
+    assert any(not np.array_equal(value, initial[name])
+               for name, value in session.parameters().items())
     return session
 
 
