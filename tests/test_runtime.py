@@ -1,0 +1,146 @@
+"""Runtime behaviour: checkpoints, resumption, input validation, artifact integrity."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gftvm
+from gftvm import state
+from reference import random_batches
+
+BATCHES = random_batches(4, 4)
+
+
+def test_runtime_trains_without_compiler_dependencies(artifact_dir):
+    """Blocks torch, onnx and onnxruntime (an import of them raises), then loads and steps."""
+    code = f"""
+import sys
+for name in ("torch", "onnx", "onnxruntime"):
+    sys.modules[name] = None
+import numpy as np, gftvm.runtime
+session = gftvm.runtime.load({str(artifact_dir)!r})
+print(session.step(np.zeros((4, 3, 32, 32), np.float32), np.zeros(4, np.int64)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) > 0
+
+
+def test_checkpoint_resumes_exactly(artifact_dir, tmp_path):
+    uninterrupted = gftvm.runtime.load(artifact_dir)
+    losses = [uninterrupted.step(x, y) for x, y in BATCHES]
+
+    first = gftvm.runtime.load(artifact_dir)
+    for x, y in BATCHES[:2]:
+        first.step(x, y)
+    first.save_checkpoint(tmp_path / "ckpt.npz")
+    resumed = gftvm.runtime.load(artifact_dir)
+    resumed.load_checkpoint(tmp_path / "ckpt.npz")
+    assert resumed.steps == 2
+    assert [resumed.step(x, y) for x, y in BATCHES[2:]] == losses[2:]
+    for name, value in uninterrupted.parameters().items():
+        assert np.array_equal(value, resumed.parameters()[name]), name
+
+
+def test_loss_decreases_on_a_repeated_batch(artifact_dir):
+    session = gftvm.runtime.load(artifact_dir)
+    x, y = BATCHES[0]
+    losses = [session.step(x, y) for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.1
+    assert session.predict(x).shape == (4, 10)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (np.zeros((4, 3, 32, 32), np.float64), np.zeros(4, np.int64), "input 'input' must be float32"),
+    (np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, np.int64), r"shape \[4, 3, 32, 32\]"),
+    (np.zeros((4, 3, 32, 32), np.float32), np.zeros(4, np.float32), "labels must be integers"),
+    (np.zeros((4, 3, 32, 32), np.float32), np.array([0, 1, 2, 10]), r"labels must lie in \[0, 10\)"),
+])
+def test_step_rejects_bad_inputs(artifact_dir, x, y, message):
+    session = gftvm.runtime.load(artifact_dir)
+    before = session.parameters()
+    with pytest.raises(gftvm.InputError, match=message):
+        session.step(x, y)
+    assert session.steps == 0
+    for name, value in session.parameters().items():
+        assert np.array_equal(value, before[name])
+
+
+def copy_artifact(artifact_dir, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(artifact_dir, target)
+    return target
+
+
+def test_missing_artifact_file(artifact_dir, tmp_path):
+    target = copy_artifact(artifact_dir, tmp_path)
+    os.unlink(target / "state.npz")
+    with pytest.raises(gftvm.ArtifactError, match="state file state.npz is missing"):
+        gftvm.runtime.load(target)
+    with pytest.raises(gftvm.ArtifactError, match="manifest.json is missing"):
+        gftvm.runtime.load(tmp_path)
+
+
+def test_corrupted_library_fails_the_checksum(artifact_dir, tmp_path):
+    target = copy_artifact(artifact_dir, tmp_path)
+    library = target / "train_step.so"
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    library.write_bytes(bytes(data))
+    with pytest.raises(gftvm.ArtifactError, match="checksum mismatch for train_step.so"):
+        gftvm.runtime.load(target)
+
+
+def test_artifact_for_another_target_is_refused(artifact_dir, tmp_path):
+    import json
+
+    target = copy_artifact(artifact_dir, tmp_path)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["target"]["name"] = "cortex-a72"
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(gftvm.ArtifactError, match="built for target cortex-a72"):
+        gftvm.runtime.load(target)
+
+
+def test_truncated_checkpoint(artifact_dir, tmp_path):
+    session = gftvm.runtime.load(artifact_dir)
+    session.step(*BATCHES[0])
+    path = tmp_path / "ckpt.npz"
+    session.save_checkpoint(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(gftvm.CheckpointError, match="ckpt.npz is not a readable gftvm state"):
+        session.load_checkpoint(path)
+
+
+def test_checkpoint_from_another_artifact_is_refused(artifact_dir, tmp_path):
+    session = gftvm.runtime.load(artifact_dir)
+    path = tmp_path / "ckpt.npz"
+    session.save_checkpoint(path)
+    saved = state.read_state(path)
+    saved.meta["library_sha256"] = "0" * 64
+    state.write_state(path, saved)
+    with pytest.raises(gftvm.CheckpointError, match="saved by another artifact"):
+        session.load_checkpoint(path)
+
+
+def test_failed_checkpoint_write_keeps_the_good_one(artifact_dir, tmp_path, monkeypatch):
+    session = gftvm.runtime.load(artifact_dir)
+    path = tmp_path / "ckpt.npz"
+    session.save_checkpoint(path)
+    good = path.read_bytes()
+    session.step(*BATCHES[0])
+
+    def crash(file, **arrays):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        session.save_checkpoint(path)
+    assert path.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.npz"]
