@@ -7,10 +7,10 @@ The result has two entry functions::
         -> (loss, (updated trainable params...), new optim_state)
 
 ``params`` are all model parameters in ONNX initializer order; only the trainable ones are
-differentiated and updated. ``relax.transform.Gradient`` differentiates only towards the
-trainable parameters, and dead-code elimination after inlining removes every backward op that
-does not lead to one of them: frozen layers get no gradient code, and the grad_x of the first
-trained layer is never computed.
+differentiated and updated. ``StopGradientAtFrozen`` keeps ``relax.transform.Gradient`` out of
+the frozen layers, and dead-code elimination after inlining removes every backward op that
+does not lead to a trained parameter: frozen layers get no gradient code, and the grad_x of
+the first trained layer is never computed.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tvm.relax.training import optimizer as optimizers
 from tvm.relax.training.utils import AppendLoss
 
 from .errors import ConfigError, UnsupportedOpError
+from .passes.stop_gradient import StopGradientAtFrozen
 
 
 @dataclass
@@ -85,9 +86,10 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
     loss_func = mod["backbone_loss"]
     by_name = {p.name: p for p in loss_func.params}
     required = [by_name[name] for name in trainable]
+    mod = StopGradientAtFrozen("backbone_loss", trainable)(mod)
     try:
         mod = relax.transform.Gradient("backbone_loss", require_grads=required)(mod)
-    except tvm.TVMError as err:
+    except tvm.error.InternalError as err:
         raise UnsupportedOpError(f"Relax cannot differentiate the model: {err}") from err
     optimizer.init(required)
     init_state = [value.numpy() for value in optimizer.state]

@@ -16,3 +16,10 @@ def _pad_grad(orig_var: relax.Var, orig_call: Call, output_grad: relax.Var,
     axes = list(range(len(before)))
     ends = [b + dim for b, dim in zip(before, shape)]
     return [relax.op.strided_slice(output_grad, axes, before, ends)]
+
+
+@register_gradient("relax.grad.no_grad")
+def _no_grad_grad(orig_var: relax.Var, orig_call: Call, output_grad: relax.Var,
+                  ctx: relax.BlockBuilder) -> list[relax.Expr]:
+    """A ``no_grad`` gradient tells the Gradient pass to propagate nothing to the input."""
+    return [relax.op.grad.no_grad(orig_call.args[0])]
