@@ -23,6 +23,10 @@ def compile(model, **options) -> Any:  # noqa: A001  (the public name the contra
 
 
 def __getattr__(name: str) -> Any:
+    if name == "GradientFilter":
+        from .filter import GradientFilter
+
+        return GradientFilter
     if name in ("models", "compiler", "passes"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'gftvm' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from tvm import relax
 
 from . import __version__, trainable as trainable_policy
 from .errors import ConfigError
+from .filter import PLAN_HEADER, GradientFilter, LayerPlan, plan_json, resolve_plan
 from .frontend import onnx as onnx_frontend
 from .runtime import FORMAT_VERSION, MANIFEST, sha256
 from .state import TrainState, write_state
@@ -73,24 +74,31 @@ class Artifact:
             f"trainable  {m['trainable_spec']}: {len(m['trainable'])} tensors, "
             f"{count(m['trainable']):,} of {count(params):,} parameters",
             f"optimizer  {m['optimizer']}",
-            f"filter     {m['gradient_filter']}",
             f"versions   gftvm {m['versions']['gftvm']}, tvm {m['versions']['tvm']}",
+            self.plan_table(),
         ])
+
+    def plan_table(self) -> str:
+        """The gradient-filter plan, one row per filtered layer."""
+        config = self.manifest["gradient_filter"]
+        if config is None:
+            return "filter     none (exact backprop)"
+        rows = [LayerPlan(**layer).row() for layer in config["plan"]]
+        return "\n".join([f"filter     patch {config['patch']}, layers {config['layers']}",
+                          PLAN_HEADER, *rows])
 
 
 def compile(model: onnx_frontend.ModelLike, target: str = "host",
             trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
             optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
             weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-            eps: float = 1e-8, filter: None = None,
+            eps: float = 1e-8, filter: GradientFilter | None = None,
             progress: Callable[[str], None] | None = None) -> Artifact:
     """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
     ``predict`` function of a forward ONNX model. See README for the options."""
     say = progress or (lambda message: None)
     if target not in TARGETS:
         raise ConfigError(f"target={target!r}: supported targets are {', '.join(TARGETS)}")
-    if filter is not None:
-        raise ConfigError("gradient filtering is not available yet: pass filter=None")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be positive")
     where = "<onnx.ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
@@ -103,9 +111,11 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     onnx_frontend.check_differentiable(proto, set(names), where)
     forward = onnx_frontend.import_model(proto, batch_size, where)
     say(f"imported {where} ({len(proto.graph.node)} nodes) in {time.perf_counter() - start:.1f}s")
+    plan = resolve_plan(proto, filter, names, forward) if filter is not None else []
 
     start = time.perf_counter()
-    mod, params, optim = build_train_module(forward, names, batch_size, relax_optimizer)
+    mod, params, optim = build_train_module(forward, names, batch_size, relax_optimizer,
+                                            {layer.weight: layer.patch for layer in plan})
     say(f"built the training graph in {time.perf_counter() - start:.1f}s")
 
     start = time.perf_counter()
@@ -129,7 +139,8 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
         "trainable": names,
         "optimizer": opt.to_json(),
         "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)} for v in optim],
-        "gradient_filter": None,
+        "gradient_filter": None if filter is None else {**filter.to_json(),
+                                                        "plan": plan_json(plan)},
         "versions": {"gftvm": __version__, "tvm": tvm.__version__},
     }
     state = TrainState(dict(zip(param_names, params)), optim, {"steps": 0})

@@ -25,6 +25,8 @@ from tvm.relax.training import optimizer as optimizers
 from tvm.relax.training.utils import AppendLoss
 
 from .errors import ConfigError, UnsupportedOpError
+from .passes import conv_backward  # noqa: F401  (conv gradients as named calls)
+from .passes.gradient_filter import GradientFilter
 from .passes.stop_gradient import StopGradientAtFrozen
 
 
@@ -66,9 +68,10 @@ class _Adam(optimizers.Adam):
 
 
 def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: int,
-                       optimizer: optimizers.Optimizer
+                       optimizer: optimizers.Optimizer, filter_plan: dict[str, int] | None = None
                        ) -> tuple[tvm.IRModule, list[np.ndarray], list[np.ndarray]]:
-    """Return the training module, the initial parameters and the initial optimizer state."""
+    """Return the training module, the initial parameters and the initial optimizer state.
+    ``filter_plan`` maps conv weight names to the patch size of their gradient filter."""
     forward, param_values = relax.frontend.detach_params(forward)
     main = forward["main"]
     params = list(main.params[1:])
@@ -91,6 +94,8 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
         mod = relax.transform.Gradient("backbone_loss", require_grads=required)(mod)
     except tvm.error.InternalError as err:
         raise UnsupportedOpError(f"Relax cannot differentiate the model: {err}") from err
+    if filter_plan:
+        mod = GradientFilter("backbone_loss_adjoint", filter_plan)(mod)
     optimizer.init(required)
     init_state = [value.numpy() for value in optimizer.state]
 

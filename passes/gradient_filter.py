@@ -1,0 +1,214 @@
+"""GradientFilter: rewrite the backward of chosen conv layers into gradient filtering.
+
+Gradient filtering (Yang, Li, Marculescu, CVPR'23) for ``y = conv2d(x, W; stride s, padding p,
+groups g)`` with patch size R, input x of H×W, output gy of Ho×Wo:
+
+- ḡ = gy averaged over R×R patches tiling it from the top-left corner; a partial patch at the
+  bottom or right averages only its valid pixels. Shape (N, Co, ⌈Ho/R⌉, ⌈Wo/R⌉).
+- grad_x: g̃x = Σ_co W̃[co, ci] · ḡ[co] at low resolution (within each group), where
+  W̃ = Σ_taps W / s². (For a patch-constant gy the exact backward reaches each input pixel
+  through k²/s² taps on average, hence 1/s².) g̃x is then upsampled by nearest neighbour:
+  patch P covers the input block [P·R·s + o, (P+1)·R·s + o) with o = (k-1)//2 - p, and every
+  input pixel takes the value of its block, pixels outside all blocks that of the nearest one.
+- grad_w[co, ci, :, :] = Σ_{n,P,Q} ḡ · x̃, copied to every tap, with x̃ = (sum of x over the
+  block of the patch) / s² (a block of R·s × R·s pixels holds R² taps' worth of samples).
+  grad_b is exact (it is not part of the conv).
+
+The rewrite, on calls named by :mod:`conv_backward`, for each layer in ``plan``::
+
+    x_sum = avg_pool2d(fit(x), R·s) · R²          # emitted before the forward conv(x, W)
+    ...
+    gx = conv2d_grad_input(gy, W)        ->  g_pool = avg_pool2d(gy, R, ceil_mode)
+                                             w_sum  = sum(W, taps) / s²
+                                             gx_low = conv2d_transpose(g_pool, w_sum, groups)
+                                             gx     = take(take(gx_low, rows), cols)   # upsample
+    gw = conv2d_grad_weight(x, gy, W)    ->  gw     = broadcast(g_pool · x_sum over N, P, Q)
+
+x_sum is computed next to the forward conv, so the backward keeps only x_sum alive for the
+layer, not x, unless another op's backward needs x (ReLU and BatchNorm need their own inputs,
+MaxPool its input; the input of a conv is usually the output of those, which they do not need).
+Dilated convs are not filtered (the planner keeps their exact backward and warns).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .conv_backward import backward_kind
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """Geometry of one filtered conv, from the types of its backward call."""
+
+    patch: int
+    x_shape: tuple[int, ...]
+    w_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+    strides: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return tuple(math.ceil(d / self.patch) for d in self.y_shape[2:])
+
+    @property
+    def offsets(self) -> tuple[int, int]:
+        return tuple((k - 1) // 2 - p for k, p in zip(self.w_shape[2:], self.padding))
+
+    def block_index(self, axis: int) -> np.ndarray:
+        """For every input row (axis 0) or column (axis 1): the index of its block."""
+        size, step = self.x_shape[2 + axis], self.patch * self.strides[axis]
+        index = (np.arange(size) - self.offsets[axis]) // step
+        return np.clip(index, 0, self.blocks[axis] - 1).astype("int64")
+
+
+def _geometry(func: relax.Function, call: relax.Call, patch: int) -> _Layer:
+    attrs = func.attrs
+    if any(int(d) != 1 for d in attrs["dilation"]):
+        raise ValueError("GradientFilter does not filter dilated convs")
+    shape = lambda expr: tuple(int(d) for d in expr.ty.shape)
+    gy = call.args[-2]
+    weight = call.args[-1]
+    x_type = func.params[0].ty if str(attrs["gftvm.conv_backward"]) == "weight" else func.ret_ty
+    return _Layer(patch, tuple(int(d) for d in x_type.shape), shape(weight), shape(gy),
+                  tuple(int(s) for s in attrs["strides"]),
+                  (int(attrs["padding"][0]), int(attrs["padding"][1])), int(attrs["groups"]))
+
+
+def _weight_name(call: relax.Call) -> str | None:
+    weight = call.args[-1]
+    return weight.name if isinstance(weight, relax.Var) else None
+
+
+@mutator
+class _Filter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, plan: dict[str, int]) -> None:
+        super().__init__(mod)
+        self.mod, self.plan = mod, plan
+        self.layers: dict[str, _Layer] = {}   # weight name -> geometry
+        self.x_sums: dict[str, relax.Var] = {}
+        self.g_pools: dict[tuple[str, relax.Var], relax.Var] = {}
+
+    def collect(self, func: relax.Function) -> None:
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                name = _weight_name(binding.value) if backward_kind(
+                    self.mod, binding.value) else None
+                if name in self.plan:
+                    callee = self.mod[binding.value.op]
+                    self.layers[name] = _geometry(callee, binding.value, self.plan[name])
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        value = binding.value
+        if (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.nn.conv2d")
+                and isinstance(value.args[1], relax.Var) and value.args[1].name in self.layers):
+            name = value.args[1].name
+            x = self.visit_expr(value.args[0])
+            self.x_sums[name] = self._x_sum(x, self.layers[name])
+        kind = backward_kind(self.mod, value)
+        name = _weight_name(value) if kind else None
+        if name in self.layers:
+            gy, weight = self.visit_expr(value.args[-2]), self.visit_expr(value.args[-1])
+            layer = self.layers[name]
+            g_pool = self._g_pool(gy, layer, name)
+            result = (self._grad_input(g_pool, weight, layer) if kind == "input"
+                      else self._grad_weight(g_pool, self.x_sums[name], layer))
+            emit = (self.builder_.emit if isinstance(binding.var, relax.DataflowVar)
+                    else self.builder_.emit_output)
+            self.set_var_remap(binding.var, emit(result, binding.var.name))
+            return
+        super().visit_var_binding_(binding)
+
+    # -- the filtered computation -----------------------------------------------------------
+    def _emit(self, expr: relax.Expr, name: str) -> relax.Var:
+        return self.builder_.emit(expr, name)
+
+    def _x_sum(self, x: relax.Expr, layer: _Layer) -> relax.Var:
+        """x summed over each patch's input block and divided by s²: pool(fit(x)) · R²."""
+        (bh, bw), (oh, ow) = layer.blocks, layer.offsets
+        (sh, sw), r = layer.strides, layer.patch
+        height, width = layer.x_shape[2:]
+        begin = [max(oh, 0), max(ow, 0)]
+        end = [min(height, oh + bh * r * sh), min(width, ow + bw * r * sw)]
+        if begin != [0, 0] or end != [height, width]:
+            x = self._emit(relax.op.strided_slice(x, [2, 3], begin, end), "gf_x_crop")
+        before = [max(-oh, 0), max(-ow, 0)]
+        after = [bh * r * sh - (end[0] - begin[0]) - before[0],
+                 bw * r * sw - (end[1] - begin[1]) - before[1]]
+        if any(before + after):
+            x = self._emit(relax.op.nn.pad(x, [0, 0, 0, 0, before[0], after[0], before[1],
+                                               after[1]]), "gf_x_pad")
+        pooled = self._emit(relax.op.nn.avg_pool2d(x, (r * sh, r * sw), (r * sh, r * sw)),
+                            "gf_x_pool")
+        return self._emit(relax.op.multiply(pooled, relax.const(float(r * r), "float32")),
+                          "gf_x_sum")
+
+    def _g_pool(self, gy: relax.Expr, layer: _Layer, name: str) -> relax.Var:
+        key = (name, gy)
+        if key not in self.g_pools:
+            r = layer.patch
+            self.g_pools[key] = self._emit(relax.op.nn.avg_pool2d(
+                gy, (r, r), (r, r), ceil_mode=True, count_include_pad=False), "gf_g_pool")
+        return self.g_pools[key]
+
+    def _grad_input(self, g_pool: relax.Var, weight: relax.Expr, layer: _Layer) -> relax.Expr:
+        sh, sw = layer.strides
+        w_sum = self._emit(relax.op.multiply(relax.op.sum(weight, [2, 3], keepdims=True),
+                                             relax.const(1.0 / (sh * sw), "float32")), "gf_w_sum")
+        low = self._emit(relax.op.nn.conv2d_transpose(g_pool, w_sum, groups=layer.groups),
+                         "gf_gx_low")
+        rows = self._emit(relax.op.take(low, relax.const(layer.block_index(0)), 2, "clip"),
+                          "gf_gx_rows")
+        return relax.op.take(rows, relax.const(layer.block_index(1)), 3, "clip")
+
+    def _grad_weight(self, g_pool: relax.Var, x_sum: relax.Var, layer: _Layer) -> relax.Expr:
+        n, co = layer.y_shape[:2]
+        ci_group, kh, kw = layer.w_shape[1:]
+        g = layer.groups
+        length = n * layer.blocks[0] * layer.blocks[1]
+        # (N, g, C/g, P, Q) -> (g, C/g, N·P·Q): a batched matmul over groups.
+        flat = lambda t, c: relax.op.reshape(relax.op.permute_dims(relax.op.reshape(
+            t, (n, g, c, layer.blocks[0], layer.blocks[1])), [1, 2, 0, 3, 4]), (g, c, length))
+        g_flat = self._emit(flat(g_pool, co // g), "gf_g_flat")
+        x_flat = self._emit(relax.op.permute_dims(flat(x_sum, ci_group), [0, 2, 1]), "gf_x_flat")
+        product = self._emit(relax.op.matmul(g_flat, x_flat), "gf_gw_1x1")
+        return relax.op.broadcast_to(relax.op.reshape(product, (co, ci_group, 1, 1)),
+                                     (co, ci_group, kh, kw))
+
+
+@tvm.transform.module_pass(opt_level=0, name="GradientFilter")
+class GradientFilter:
+    """Apply gradient filtering to the conv layers of ``func_name`` named in ``plan``.
+
+    Parameters
+    ----------
+    func_name : str
+        The function holding forward and backward (e.g. the adjoint from ``Gradient``).
+    plan : dict[str, int]
+        Patch size R for each filtered layer, keyed by the name of its weight parameter.
+    """
+
+    def __init__(self, func_name: str, plan: dict[str, int]) -> None:
+        self.func_name, self.plan = func_name, dict(plan)
+
+    def transform_module(self, mod: tvm.IRModule, ctx: tvm.transform.PassContext
+                         ) -> tvm.IRModule:
+        func = mod[self.func_name]
+        rewriter = _Filter(mod, self.plan)
+        rewriter.collect(func)
+        missing = set(self.plan) - set(rewriter.layers)
+        if missing:
+            raise ValueError(f"GradientFilter: no conv backward for weights {sorted(missing)} "
+                             f"in {self.func_name}")
+        rewritten = rewriter.visit_expr(func)
+        mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        mod[self.func_name] = rewritten
+        return mod
