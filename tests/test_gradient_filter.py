@@ -116,41 +116,63 @@ def test_grad_x_equals_exact_backward_of_patch_constant_gradient(patch, kernel):
 
 # ---- structure ------------------------------------------------------------------------------
 
-@I.ir_module
-class Expected:
-    @R.function
-    def main_adjoint(x: R.Tensor((2, 4, 8, 8), "float32"), w: R.Tensor((6, 4, 3, 3), "float32"),
-                     g: R.Tensor((2, 6, 8, 8), "float32")):
-        with R.dataflow():
-            gf_x_pool = R.nn.avg_pool2d(x, pool_size=[2, 2], strides=[2, 2])
-            gf_x_sum = R.multiply(gf_x_pool, R.const(4.0, "float32"))
-            y = R.nn.conv2d(x, w, padding=[1, 1, 1, 1])
-            lv = R.multiply(y, g)
-            loss = R.sum(lv)
-            loss_adjoint = R.ones(R.shape([]), "float32")
-            lv_adjoint = R.broadcast_to(loss_adjoint, R.shape([2, 6, 8, 8]))
-            y_adjoint = R.multiply(lv_adjoint, g)
-            gf_g_pool = R.nn.avg_pool2d(y_adjoint, pool_size=[2, 2], strides=[2, 2],
-                                        ceil_mode=True, count_include_pad=False)
-            gf_w_sum = R.multiply(R.sum(w, axis=[2, 3], keepdims=True), R.const(1.0, "float32"))
-            gf_gx_low = R.nn.conv2d_transpose(gf_g_pool, gf_w_sum)
-            gf_gx_rows = R.take(gf_gx_low, R.const(np.array([0, 0, 1, 1, 2, 2, 3, 3])), axis=2,
-                                mode="clip")
-            x_adjoint = R.take(gf_gx_rows, R.const(np.array([0, 0, 1, 1, 2, 2, 3, 3])),
-                               axis=3, mode="clip")
-            gf_g_flat = R.reshape(R.permute_dims(R.reshape(gf_g_pool, (2, 1, 6, 4, 4)),
-                                                 [1, 2, 0, 3, 4]), (1, 6, 32))
-            gf_x_flat = R.permute_dims(R.reshape(R.permute_dims(
-                R.reshape(gf_x_sum, (2, 1, 4, 4, 4)), [1, 2, 0, 3, 4]), (1, 4, 32)), [0, 2, 1])
-            gf_gw_1x1 = R.matmul(gf_g_flat, gf_x_flat)
-            w_adjoint = R.broadcast_to(R.reshape(gf_gw_1x1, (6, 4, 1, 1)), (6, 4, 3, 3))
-            x_adjoint_out = x_adjoint
-            w_adjoint_out = w_adjoint
-            R.output(loss, x_adjoint_out, w_adjoint_out)
-        return (loss, (x_adjoint_out, w_adjoint_out))
+STRUCTURE_CASES = {  # name: (channels in, channels out, stride, groups); 2×C×8×8 input, R=2
+    "plain": (4, 6, 1, 1), "strided": (4, 6, 2, 1), "depthwise": (6, 6, 1, 6),
+    "grouped": (6, 4, 1, 2),
+}
 
 
-def test_structure_of_a_filtered_conv():
-    mod, _ = with_seed_gradient((2, 4, 8, 8), (6, 4, 3, 3), 1, 1, 1)
-    after = GradientFilter("main_adjoint", {"w": 2})(mod)
-    tvm.ir.assert_structural_equal(after["main_adjoint"], Expected["main_adjoint"])
+def expected_module(ci: int, co: int, s: int, g: int) -> tvm.IRModule:
+    """The filtered adjoint of sum(conv2d(x, w) * g), written out for a 3×3, padding-1 conv
+    on an 8×8 input with R=2: no crop or pad is needed, so x is pooled directly."""
+    ho = 8 // s
+    blocks = ho // 2
+    index = np.arange(8) // (2 * s)
+    length = 2 * blocks * blocks
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main_adjoint(x: R.Tensor((2, ci, 8, 8), "float32"),
+                         w: R.Tensor((co, ci // g, 3, 3), "float32"),
+                         gy: R.Tensor((2, co, ho, ho), "float32")):
+            with R.dataflow():
+                gf_x_pool = R.nn.avg_pool2d(x, pool_size=[2 * s, 2 * s], strides=[2 * s, 2 * s])
+                gf_x_sum = R.multiply(gf_x_pool, R.const(4.0, "float32"))
+                y = R.nn.conv2d(x, w, strides=[s, s], padding=[1, 1, 1, 1], groups=g)
+                lv = R.multiply(y, gy)
+                loss = R.sum(lv)
+                loss_adjoint = R.ones(R.shape([]), "float32")
+                lv_adjoint = R.broadcast_to(loss_adjoint, R.shape([2, co, ho, ho]))
+                y_adjoint = R.multiply(lv_adjoint, gy)
+                gf_g_pool = R.nn.avg_pool2d(y_adjoint, pool_size=[2, 2], strides=[2, 2],
+                                            ceil_mode=True, count_include_pad=False)
+                gf_w_sum = R.multiply(R.sum(w, axis=[2, 3], keepdims=True),
+                                      R.const(1.0 / (s * s), "float32"))
+                gf_gx_low = R.nn.conv2d_transpose(gf_g_pool, gf_w_sum, groups=g)
+                gf_gx_rows = R.take(gf_gx_low, R.const(index), axis=2, mode="clip")
+                x_adjoint = R.take(gf_gx_rows, R.const(index), axis=3, mode="clip")
+                gf_g_flat = R.reshape(R.permute_dims(R.reshape(
+                    gf_g_pool, (2, g, co // g, blocks, blocks)), [1, 2, 0, 3, 4]),
+                    (g, co // g, length))
+                gf_x_flat = R.permute_dims(R.reshape(R.permute_dims(R.reshape(
+                    gf_x_sum, (2, g, ci // g, blocks, blocks)), [1, 2, 0, 3, 4]),
+                    (g, ci // g, length)), [0, 2, 1])
+                gf_gw_1x1 = R.matmul(gf_g_flat, gf_x_flat)
+                w_adjoint = R.broadcast_to(R.reshape(gf_gw_1x1, (co, ci // g, 1, 1)),
+                                           (co, ci // g, 3, 3))
+                x_adjoint_out = x_adjoint
+                w_adjoint_out = w_adjoint
+                R.output(loss, x_adjoint_out, w_adjoint_out)
+            return (loss, (x_adjoint_out, w_adjoint_out))
+
+    return Expected
+
+
+@pytest.mark.parametrize("case", STRUCTURE_CASES)
+def test_structure_of_a_filtered_conv(case):
+    ci, co, s, g = STRUCTURE_CASES[case]
+    before, _ = with_seed_gradient((2, ci, 8, 8), (co, ci // g, 3, 3), s, 1, g)
+    after = GradientFilter("main_adjoint", {"w": 2})(before)
+    tvm.ir.assert_structural_equal(after["main_adjoint"],
+                                   expected_module(ci, co, s, g)["main_adjoint"])
