@@ -74,6 +74,7 @@ class Artifact:
             f"trainable  {m['trainable_spec']}: {len(m['trainable'])} tensors, "
             f"{count(m['trainable']):,} of {count(params):,} parameters",
             f"optimizer  {m['optimizer']}",
+            f"saved ctx  {m['saved_context_bytes']:,} bytes kept from forward for backward",
             f"versions   gftvm {m['versions']['gftvm']}, tvm {m['versions']['tvm']}",
             self.plan_table(),
         ])
@@ -114,8 +115,9 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     plan = resolve_plan(proto, filter, names, forward) if filter is not None else []
 
     start = time.perf_counter()
-    mod, params, optim = build_train_module(forward, names, batch_size, relax_optimizer,
-                                            {layer.weight: layer.patch for layer in plan})
+    built = build_train_module(forward, names, batch_size, relax_optimizer,
+                               {layer.weight: layer.patch for layer in plan})
+    mod, params, optim = built.mod, built.params, built.optim_state
     say(f"built the training graph in {time.perf_counter() - start:.1f}s")
 
     start = time.perf_counter()
@@ -138,6 +140,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
         "trainable_spec": trainable if isinstance(trainable, str) else "list",
         "trainable": names,
         "optimizer": opt.to_json(),
+        "saved_context_bytes": built.saved_bytes,
         "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)} for v in optim],
         "gradient_filter": None if filter is None else {**filter.to_json(),
                                                         "plan": plan_json(plan)},

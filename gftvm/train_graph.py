@@ -24,6 +24,7 @@ from tvm.relax.training import loss as losses
 from tvm.relax.training import optimizer as optimizers
 from tvm.relax.training.utils import AppendLoss
 
+from .analysis import saved_for_backward
 from .errors import ConfigError, UnsupportedOpError
 from .passes import conv_backward  # noqa: F401  (conv gradients as named calls)
 from .passes.gradient_filter import GradientFilter
@@ -67,11 +68,26 @@ class _Adam(optimizers.Adam):
         self.dtype = str(self.dtype)
 
 
+@dataclass
+class TrainModule:
+    """The training module with its initial parameters and optimizer state, and what the
+    forward keeps alive for the backward (from the differentiated function, before inlining)."""
+
+    mod: tvm.IRModule
+    params: list[np.ndarray]
+    optim_state: list[np.ndarray]
+    adjoint: relax.Function
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(saved_for_backward(self.adjoint).values())
+
+
 def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: int,
                        optimizer: optimizers.Optimizer, filter_plan: dict[str, int] | None = None
-                       ) -> tuple[tvm.IRModule, list[np.ndarray], list[np.ndarray]]:
-    """Return the training module, the initial parameters and the initial optimizer state.
-    ``filter_plan`` maps conv weight names to the patch size of their gradient filter."""
+                       ) -> TrainModule:
+    """Build the training module. ``filter_plan`` maps conv weight names to the patch size of
+    their gradient filter."""
     forward, param_values = relax.frontend.detach_params(forward)
     main = forward["main"]
     params = list(main.params[1:])
@@ -99,11 +115,12 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
     optimizer.init(required)
     init_state = [value.numpy() for value in optimizer.state]
 
+    adjoint = mod["backbone_loss_adjoint"]
     mod = _add_train_step(mod, optimizer.get_function(), params, trainable, init_state,
                           targets_type)
     mod["predict"] = mod["backbone"].with_attr("global_symbol", "predict")
     mod = _keep_entries(mod, ["train_step", "predict"])
-    return mod, init_params, init_state
+    return TrainModule(mod, init_params, init_state, adjoint)
 
 
 def _add_train_step(mod: tvm.IRModule, optimizer: relax.Function, params: list[relax.Var],

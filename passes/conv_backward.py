@@ -1,7 +1,7 @@
 """Named conv backward: the form in which gftvm's graphs carry a conv2d gradient.
 
 Importing this module registers a gradient for ``relax.nn.conv2d`` that emits the exact backward
-(TVM's own ``conv2d_grad``) as calls to two private Relax functions::
+as calls to two private Relax functions::
 
     gx = conv2d_grad_input(gy, w)        # attrs {"gftvm.conv_backward": "input", conv attrs}
     gw = conv2d_grad_weight(x, gy, w)    # attrs {"gftvm.conv_backward": "weight", conv attrs}
@@ -16,7 +16,6 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 from tvm.ir import Call
-from tvm.relax.op import _op_gradient
 from tvm.relax.op.base import register_gradient
 
 ATTR = "gftvm.conv_backward"
@@ -30,6 +29,35 @@ def backward_kind(mod: tvm.IRModule, call: relax.Expr) -> str | None:
     return str(func.attrs[ATTR]) if func.attrs and ATTR in func.attrs else None
 
 
+def _grad_input(gy: relax.Expr, w: relax.Expr, attrs, x_shape: list[int]) -> relax.Expr:
+    """conv2d_transpose with the output padding that restores x's shape. (TVM's own conv2d
+    gradient leaves dilation out of that padding, so it rejects dilated convs.)"""
+    gy_shape = [int(d) for d in gy.ty.shape]
+    kernel = [int(d) for d in list(w.ty.shape)[2:]]
+    strides, dilation = [int(s) for s in attrs.strides], [int(d) for d in attrs.dilation]
+    pad = [int(p) for p in attrs.padding]
+    out = [(gy_shape[2 + a] - 1) * strides[a] - pad[a] - pad[a + 2]
+           + dilation[a] * (kernel[a] - 1) + 1 for a in (0, 1)]
+    return relax.op.nn.conv2d_transpose(
+        gy, w, strides, pad, [x_shape[2] - out[0], x_shape[3] - out[1]], dilation,
+        attrs.groups, kernel_layout="IOHW")
+
+
+def _grad_weight(x: relax.Expr, gy: relax.Expr, w: relax.Expr, attrs) -> relax.Expr:
+    """A conv of x with gy over the batch (TVM's formulation: CNHW data, strides and
+    dilation swapped), cropped to the kernel size."""
+    n, ci, h, wd = (int(d) for d in x.ty.shape)
+    co, ci_group, kh, kw = (int(d) for d in w.ty.shape)
+    g = int(attrs.groups)
+    if g != 1:  # put the groups next to the channels: (g·N, C/g, H, W)
+        x = relax.op.reshape(relax.op.permute_dims(relax.op.reshape(
+            x, (n, g, ci_group, h, wd)), [1, 0, 2, 3, 4]), (g * n, ci_group, h, wd))
+    grad = relax.op.nn.conv2d(x, gy, strides=attrs.dilation, padding=attrs.padding,
+                              dilation=attrs.strides, groups=g, data_layout="CNHW",
+                              kernel_layout="IOHW", out_layout="CNHW")
+    return relax.op.strided_slice(grad, [2, 3], [0, 0], [kh, kw])
+
+
 def backward_function(kind: str, conv: relax.Call, out_type: relax.TensorType
                       ) -> relax.Function:
     """The private function computing the exact ``kind`` gradient of ``conv``."""
@@ -37,6 +65,9 @@ def backward_function(kind: str, conv: relax.Call, out_type: relax.TensorType
     w = relax.Var("w", conv.args[1].ty)
     gy = relax.Var("gy", out_type)
     attrs = conv.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        raise ValueError(f"conv2d backward supports NCHW/OIHW only, got {attrs.data_layout}/"
+                         f"{attrs.kernel_layout}")
     func_attrs = {ATTR: kind, "strides": attrs.strides, "padding": attrs.padding,
                   "dilation": attrs.dilation, "groups": attrs.groups}
     name = f"conv2d_grad_{kind}"
@@ -44,9 +75,9 @@ def backward_function(kind: str, conv: relax.Call, out_type: relax.TensorType
     with bb.function(name, [gy, w] if kind == "input" else [x, gy, w], attrs=func_attrs,
                      private=True):
         with bb.dataflow():
-            grads = _op_gradient.conv2d_grad(relax.Var("y", out_type),
-                                             relax.Call(conv.op, [x, w], attrs), gy, bb)
-            out = bb.emit_output(grads[0] if kind == "input" else grads[1])
+            grad = (_grad_input(gy, w, attrs, [int(d) for d in x.ty.shape]) if kind == "input"
+                    else _grad_weight(x, gy, w, attrs))
+            out = bb.emit_output(grad)
         bb.emit_func_output(out)
     return bb.get()[name]
 

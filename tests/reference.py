@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 
+import gftvm
 from gftvm import models
+from gftvm.reference import filter_convs
 
 
 def prepared_model(name: str, seed: int = 0, image_size: int = 32) -> nn.Module:
@@ -64,3 +68,48 @@ def random_batches(count: int, batch: int, image_size: int = 32, classes: int = 
     rng = np.random.default_rng(seed)
     return [(rng.normal(size=(batch, 3, image_size, image_size)).astype(np.float32),
              rng.integers(0, classes, batch).astype(np.int64)) for _ in range(count)]
+
+
+OPTIMIZERS = {
+    "sgd": dict(optimizer="sgd", lr=5e-4, momentum=0.9, weight_decay=1e-4),
+    # Adam's step is lr * g / (|g| + eps): for a gradient within float rounding of zero it
+    # turns rounding noise into a full step, in any two implementations. A large eps (and no
+    # weight decay, whose g + wd*p can cancel) bounds that sensitivity to lr/eps.
+    "adam": dict(optimizer="adam", lr=1e-4, eps=1e-2),
+}
+BATCH = 4
+
+
+def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: int = 32,
+                 steps: int = 3, filter: gftvm.GradientFilter | None = None
+                 ) -> gftvm.runtime.Session:
+    """Compile ``path`` (exported from ``model``), train ``steps`` steps, and check loss and
+    parameters against PyTorch autograd (with the eager gradient filter when ``filter``)."""
+    tmp_path = path.parent
+    gftvm.compile(path, trainable=trainable, batch_size=BATCH, filter=filter,
+                  **OPTIMIZERS[optimizer]).save(tmp_path / "art")
+    session = gftvm.runtime.load(tmp_path / "art")
+    model = copy.deepcopy(model)
+    if filter is not None:
+        plan = session.manifest["gradient_filter"]["plan"]
+        filter_convs(model, {layer["weight"].removesuffix(".weight"): layer["patch"]
+                             for layer in plan})
+    initial = session.parameters()
+    batches = random_batches(steps, BATCH, image_size)
+    losses = [session.step(x, y) for x, y in batches]
+
+    expected_losses, expected = torch_steps(model, session.manifest["trainable"],
+                                            session.manifest["optimizer"], batches)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
+    trained = set(session.manifest["trainable"])
+    for name, value in session.parameters().items():
+        if name in trained:
+            np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5,
+                                       err_msg=name)
+            assert np.array_equal(value, initial[name]) == np.array_equal(
+                expected[name], initial[name]), f"{name} updated in only one of the two"
+        else:
+            assert np.array_equal(value, initial[name]), f"frozen {name} changed"
+    assert any(not np.array_equal(value, initial[name])
+               for name, value in session.parameters().items())
+    return session

@@ -98,8 +98,8 @@ def test_frozen_layers_get_no_gradient_code(mcunet_onnx, count):
     proto = onnx.load(mcunet_onnx)
     names = trainable.resolve(proto, f"last:{count}")
     forward = onnx_frontend.import_model(proto, 2, "mcunet")
-    mod, _, _ = build_train_module(forward, names, 2, OptimizerConfig().build())
-    text = mod["train_step"].script()
+    built = build_train_module(forward, names, 2, OptimizerConfig().build())
+    text = built.mod["train_step"].script()
     assert text.count("R.nn.conv2d_transpose(") == count - 1
     # forward convs (30) + one weight-gradient conv per trained layer
     assert text.count("R.nn.conv2d(") == 30 + count

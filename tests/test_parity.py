@@ -1,7 +1,5 @@
 """Compiled train steps match PyTorch autograd doing the same steps."""
 
-import copy
-
 import numpy as np
 import onnx
 import pytest
@@ -10,43 +8,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 import gftvm
-from reference import export, prepared_model, random_batches, torch_steps
-
-OPTIMIZERS = {
-    "sgd": dict(optimizer="sgd", lr=5e-4, momentum=0.9, weight_decay=1e-4),
-    # Adam's step is lr * g / (|g| + eps): for a gradient within float rounding of zero it
-    # turns rounding noise into a full step, in any two implementations. A large eps (and no
-    # weight decay, whose g + wd*p can cancel) bounds that sensitivity to lr/eps.
-    "adam": dict(optimizer="adam", lr=1e-4, eps=1e-2),
-}
-BATCH = 4
-
-
-def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: int = 32,
-                 steps: int = 3) -> gftvm.runtime.Session:
-    tmp_path = path.parent
-    gftvm.compile(path, trainable=trainable, batch_size=BATCH,
-                  **OPTIMIZERS[optimizer]).save(tmp_path / "art")
-    session = gftvm.runtime.load(tmp_path / "art")
-    initial = session.parameters()
-    batches = random_batches(steps, BATCH, image_size)
-    losses = [session.step(x, y) for x, y in batches]
-
-    expected_losses, expected = torch_steps(copy.deepcopy(model), session.manifest["trainable"],
-                                            session.manifest["optimizer"], batches)
-    np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
-    trained = set(session.manifest["trainable"])
-    for name, value in session.parameters().items():
-        if name in trained:
-            np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5,
-                                       err_msg=name)
-            assert np.array_equal(value, initial[name]) == np.array_equal(
-                expected[name], initial[name]), f"{name} updated in only one of the two"
-        else:
-            assert np.array_equal(value, initial[name]), f"frozen {name} changed"
-    assert any(not np.array_equal(value, initial[name])
-               for name, value in session.parameters().items())
-    return session
+from reference import check_parity, export, prepared_model
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

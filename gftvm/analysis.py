@@ -1,0 +1,36 @@
+"""What a differentiated Relax function keeps alive from its forward for its backward."""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import relax
+
+
+def _bytes(var: relax.Var) -> int:
+    ty = var.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return 0
+    return math.prod(int(d) for d in ty.shape) * tvm.DataType(str(ty.dtype)).bits // 8
+
+
+def saved_for_backward(adjoint: relax.Function) -> dict[relax.Var, int]:
+    """Tensors (with their bytes) computed in the forward of an adjoint function from
+    ``relax.transform.Gradient`` and read by its backward: bound at or before the loss binding,
+    used after it. Parameters and the input are not counted: they live regardless."""
+    loss = adjoint.body.body.fields[0]
+    bindings = [b for block in adjoint.body.blocks for b in block.bindings]
+    end = next(i for i, b in enumerate(bindings) if b.var.same_as(loss))
+    forward = {b.var for b in bindings[:end + 1]}
+    used_later = {v for b in bindings[end + 1:] for v in relax.analysis.free_vars(b.value)}
+    return {var: _bytes(var) for var in forward & used_later}
+
+
+def conv_inputs(func: relax.Function) -> dict[str, relax.Var]:
+    """The input var of each forward conv2d, keyed by the name of its weight parameter."""
+    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
+    return {b.value.args[1].name: b.value.args[0]
+            for block in func.body.blocks for b in block.bindings
+            if isinstance(b.value, relax.Call) and b.value.op == conv2d
+            and isinstance(b.value.args[1], relax.Var)}
