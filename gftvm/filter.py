@@ -54,13 +54,13 @@ class LayerPlan:
 
     def row(self) -> str:
         shape = "x".join(map(str, self.input_shape[1:]))
-        return (f"{self.node:28} {shape:>14} R{self.patch:<2} "
-                f"{self.saved_bytes_bp:>11,} {self.saved_bytes_gf:>10,} "
-                f"{self.backward_macs_bp:>14,} {self.backward_macs_gf:>12,}")
+        return (f"{shape:>14} R{self.patch:<2} {self.saved_bytes_bp:>11,} "
+                f"{self.saved_bytes_gf:>10,} {self.backward_macs_bp:>14,} "
+                f"{self.backward_macs_gf:>12,}  {self.node}")
 
 
-PLAN_HEADER = (f"{'layer':28} {'input CxHxW':>14} {'R':3} {'saved BP B':>11} {'saved GF B':>10} "
-               f"{'bwd MACs BP':>14} {'bwd MACs GF':>12}")
+PLAN_HEADER = (f"{'input CxHxW':>14} {'R':3} {'saved BP B':>11} {'saved GF B':>10} "
+               f"{'bwd MACs BP':>14} {'bwd MACs GF':>12}  layer")
 
 
 def _selected(proto: onnx.ModelProto, config: GradientFilter) -> dict[str, int]:

@@ -26,6 +26,15 @@ def test_compile_cli(mcunet_onnx, tmp_path):
     assert session.manifest["input"]["shape"] == [2, 3, 32, 32]
 
 
+def test_compile_cli_prints_the_filter_plan(mcunet_onnx, tmp_path):
+    out = run("compile.py", str(mcunet_onnx), "--train", "last:2", "--batch", "2",
+              "--filter-patch", "4", "--filter-layers", "last:2", "-o", str(tmp_path / "art"))
+    assert "filter     patch 4, layers last:2" in out
+    plan = gftvm.runtime.load(tmp_path / "art").manifest["gradient_filter"]["plan"]
+    for layer in plan:
+        assert layer["node"] in out and f"R{layer['patch']}" in out
+
+
 def test_compile_cli_reports_errors(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage")

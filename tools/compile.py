@@ -2,7 +2,7 @@
 """Compile a forward ONNX model's train step into an artifact directory.
 
     python tools/compile.py [MODEL.onnx] --target host --train last:4 --batch 8 \
-        --optimizer sgd --lr 0.05 -o OUT_DIR
+        --optimizer sgd --lr 0.05 [--filter-patch 2 --filter-layers last:4] -o OUT_DIR
 
 Without MODEL.onnx it exports and compiles the bundled default model (gftvm.models).
 """
@@ -28,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--filter-patch", type=int, metavar="R",
+                        help="gradient filtering with patch size R (default: exact backprop)")
+    parser.add_argument("--filter-layers", default="last:4", metavar="LAYERS",
+                        help="'last:K' or comma-separated ONNX Conv node names (default last:4)")
     parser.add_argument("--image-size", type=int, default=32,
                         help="input size of the bundled model (default: 32)")
     parser.add_argument("-o", "--output", default="out/artifact", help="artifact directory")
@@ -54,11 +58,16 @@ def main(argv: list[str] | None = None) -> int:
                                 calibration=torch.from_numpy(images))
     trainable = args.train if args.train == "all" or args.train.startswith("last:") \
         else args.train.split(",")
+    grad_filter = None
+    if args.filter_patch is not None:
+        layers = args.filter_layers if args.filter_layers.startswith("last:") \
+            else args.filter_layers.split(",")
+        grad_filter = gftvm.GradientFilter(args.filter_patch, layers)
     try:
         artifact = gftvm.compile(model, target=args.target, trainable=trainable,
                                  batch_size=args.batch, optimizer=args.optimizer, lr=args.lr,
                                  momentum=args.momentum, weight_decay=args.weight_decay,
-                                 progress=log)
+                                 filter=grad_filter, progress=log)
         artifact.save(args.output)
     except gftvm.GftvmError as err:
         print(f"error: {err}", file=sys.stderr)
