@@ -44,8 +44,8 @@ from .conv_backward import backward_kind
 
 
 @dataclass(frozen=True)
-class _Layer:
-    """Geometry of one filtered conv, from the types of its backward call."""
+class ConvGeometry:
+    """Shapes and attributes of one filtered conv (NCHW/OIHW, undilated) and its patch R."""
 
     patch: int
     x_shape: tuple[int, ...]
@@ -70,17 +70,74 @@ class _Layer:
         return np.clip(index, 0, self.blocks[axis] - 1).astype("int64")
 
 
-def _geometry(func: relax.Function, call: relax.Call, patch: int) -> _Layer:
+def _geometry(func: relax.Function, call: relax.Call, patch: int) -> ConvGeometry:
     attrs = func.attrs
     if any(int(d) != 1 for d in attrs["dilation"]):
         raise ValueError("GradientFilter does not filter dilated convs")
-    shape = lambda expr: tuple(int(d) for d in expr.ty.shape)
-    gy = call.args[-2]
-    weight = call.args[-1]
+    shape = lambda ty: tuple(int(d) for d in ty.shape)
     x_type = func.params[0].ty if str(attrs["gftvm.conv_backward"]) == "weight" else func.ret_ty
-    return _Layer(patch, tuple(int(d) for d in x_type.shape), shape(weight), shape(gy),
-                  tuple(int(s) for s in attrs["strides"]),
-                  (int(attrs["padding"][0]), int(attrs["padding"][1])), int(attrs["groups"]))
+    return ConvGeometry(patch, shape(x_type), shape(call.args[-1].ty), shape(call.args[-2].ty),
+                        tuple(int(s) for s in attrs["strides"]),
+                        (int(attrs["padding"][0]), int(attrs["padding"][1])),
+                        int(attrs["groups"]))
+
+
+# -- the filtered computation, emitted into any BlockBuilder ------------------------------------
+
+def pooled_input(bb: relax.BlockBuilder, x: relax.Expr, layer: ConvGeometry) -> relax.Var:
+    """x̃: x summed over each patch's input block and divided by s², i.e. pool(fit(x)) · R²."""
+    (bh, bw), (oh, ow) = layer.blocks, layer.offsets
+    (sh, sw), r = layer.strides, layer.patch
+    height, width = layer.x_shape[2:]
+    begin = [max(oh, 0), max(ow, 0)]
+    end = [min(height, oh + bh * r * sh), min(width, ow + bw * r * sw)]
+    if begin != [0, 0] or end != [height, width]:
+        x = bb.emit(relax.op.strided_slice(x, [2, 3], begin, end), "gf_x_crop")
+    before = [max(-oh, 0), max(-ow, 0)]
+    after = [bh * r * sh - (end[0] - begin[0]) - before[0],
+             bw * r * sw - (end[1] - begin[1]) - before[1]]
+    if any(before + after):
+        x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, before[0], after[0], before[1], after[1]]),
+                    "gf_x_pad")
+    pooled = bb.emit(relax.op.nn.avg_pool2d(x, (r * sh, r * sw), (r * sh, r * sw)), "gf_x_pool")
+    return bb.emit(relax.op.multiply(pooled, relax.const(float(r * r), "float32")), "gf_x_sum")
+
+
+def pooled_gradient(bb: relax.BlockBuilder, gy: relax.Expr, layer: ConvGeometry) -> relax.Var:
+    """ḡ: gy averaged over R×R patches; partial patches average their valid pixels."""
+    r = layer.patch
+    return bb.emit(relax.op.nn.avg_pool2d(gy, (r, r), (r, r), ceil_mode=True,
+                                          count_include_pad=False), "gf_g_pool")
+
+
+def filtered_grad_input(bb: relax.BlockBuilder, g_pool: relax.Expr, weight: relax.Expr,
+                        layer: ConvGeometry) -> relax.Expr:
+    """Low-res product with the tap-summed kernel, then nearest upsample to x's shape."""
+    sh, sw = layer.strides
+    w_sum = bb.emit(relax.op.multiply(relax.op.sum(weight, [2, 3], keepdims=True),
+                                      relax.const(1.0 / (sh * sw), "float32")), "gf_w_sum")
+    low = bb.emit(relax.op.nn.conv2d_transpose(g_pool, w_sum, groups=layer.groups),
+                  "gf_gx_low")
+    rows = bb.emit(relax.op.take(low, relax.const(layer.block_index(0)), 2, "clip"),
+                   "gf_gx_rows")
+    return relax.op.take(rows, relax.const(layer.block_index(1)), 3, "clip")
+
+
+def filtered_grad_weight(bb: relax.BlockBuilder, g_pool: relax.Expr, x_sum: relax.Expr,
+                         layer: ConvGeometry) -> relax.Expr:
+    """Σ_{n,P,Q} ḡ · x̃ per group (a batched matmul), copied to every tap."""
+    n, co = layer.y_shape[:2]
+    ci_group, kh, kw = layer.w_shape[1:]
+    g = layer.groups
+    length = n * layer.blocks[0] * layer.blocks[1]
+    # (N, g, C/g, P, Q) -> (g, C/g, N·P·Q)
+    flat = lambda t, c: relax.op.reshape(relax.op.permute_dims(relax.op.reshape(
+        t, (n, g, c, layer.blocks[0], layer.blocks[1])), [1, 2, 0, 3, 4]), (g, c, length))
+    g_flat = bb.emit(flat(g_pool, co // g), "gf_g_flat")
+    x_flat = bb.emit(relax.op.permute_dims(flat(x_sum, ci_group), [0, 2, 1]), "gf_x_flat")
+    product = bb.emit(relax.op.matmul(g_flat, x_flat), "gf_gw_1x1")
+    return relax.op.broadcast_to(relax.op.reshape(product, (co, ci_group, 1, 1)),
+                                 (co, ci_group, kh, kw))
 
 
 def _weight_name(call: relax.Call) -> str | None:
@@ -93,7 +150,7 @@ class _Filter(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, plan: dict[str, int]) -> None:
         super().__init__(mod)
         self.mod, self.plan = mod, plan
-        self.layers: dict[str, _Layer] = {}   # weight name -> geometry
+        self.layers: dict[str, ConvGeometry] = {}   # weight name -> geometry
         self.x_sums: dict[str, relax.Var] = {}
         self.g_pools: dict[tuple[str, relax.Var], relax.Var] = {}
 
@@ -111,77 +168,23 @@ class _Filter(PyExprMutator):
         if (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.nn.conv2d")
                 and isinstance(value.args[1], relax.Var) and value.args[1].name in self.layers):
             name = value.args[1].name
-            x = self.visit_expr(value.args[0])
-            self.x_sums[name] = self._x_sum(x, self.layers[name])
+            self.x_sums[name] = pooled_input(self.builder_, self.visit_expr(value.args[0]),
+                                             self.layers[name])
         kind = backward_kind(self.mod, value)
         name = _weight_name(value) if kind else None
         if name in self.layers:
             gy, weight = self.visit_expr(value.args[-2]), self.visit_expr(value.args[-1])
             layer = self.layers[name]
-            g_pool = self._g_pool(gy, layer, name)
-            result = (self._grad_input(g_pool, weight, layer) if kind == "input"
-                      else self._grad_weight(g_pool, self.x_sums[name], layer))
+            if (name, gy) not in self.g_pools:
+                self.g_pools[name, gy] = pooled_gradient(self.builder_, gy, layer)
+            g_pool = self.g_pools[name, gy]
+            result = (filtered_grad_input(self.builder_, g_pool, weight, layer) if kind == "input"
+                      else filtered_grad_weight(self.builder_, g_pool, self.x_sums[name], layer))
             emit = (self.builder_.emit if isinstance(binding.var, relax.DataflowVar)
                     else self.builder_.emit_output)
             self.set_var_remap(binding.var, emit(result, binding.var.name))
             return
         super().visit_var_binding_(binding)
-
-    # -- the filtered computation -----------------------------------------------------------
-    def _emit(self, expr: relax.Expr, name: str) -> relax.Var:
-        return self.builder_.emit(expr, name)
-
-    def _x_sum(self, x: relax.Expr, layer: _Layer) -> relax.Var:
-        """x summed over each patch's input block and divided by s²: pool(fit(x)) · R²."""
-        (bh, bw), (oh, ow) = layer.blocks, layer.offsets
-        (sh, sw), r = layer.strides, layer.patch
-        height, width = layer.x_shape[2:]
-        begin = [max(oh, 0), max(ow, 0)]
-        end = [min(height, oh + bh * r * sh), min(width, ow + bw * r * sw)]
-        if begin != [0, 0] or end != [height, width]:
-            x = self._emit(relax.op.strided_slice(x, [2, 3], begin, end), "gf_x_crop")
-        before = [max(-oh, 0), max(-ow, 0)]
-        after = [bh * r * sh - (end[0] - begin[0]) - before[0],
-                 bw * r * sw - (end[1] - begin[1]) - before[1]]
-        if any(before + after):
-            x = self._emit(relax.op.nn.pad(x, [0, 0, 0, 0, before[0], after[0], before[1],
-                                               after[1]]), "gf_x_pad")
-        pooled = self._emit(relax.op.nn.avg_pool2d(x, (r * sh, r * sw), (r * sh, r * sw)),
-                            "gf_x_pool")
-        return self._emit(relax.op.multiply(pooled, relax.const(float(r * r), "float32")),
-                          "gf_x_sum")
-
-    def _g_pool(self, gy: relax.Expr, layer: _Layer, name: str) -> relax.Var:
-        key = (name, gy)
-        if key not in self.g_pools:
-            r = layer.patch
-            self.g_pools[key] = self._emit(relax.op.nn.avg_pool2d(
-                gy, (r, r), (r, r), ceil_mode=True, count_include_pad=False), "gf_g_pool")
-        return self.g_pools[key]
-
-    def _grad_input(self, g_pool: relax.Var, weight: relax.Expr, layer: _Layer) -> relax.Expr:
-        sh, sw = layer.strides
-        w_sum = self._emit(relax.op.multiply(relax.op.sum(weight, [2, 3], keepdims=True),
-                                             relax.const(1.0 / (sh * sw), "float32")), "gf_w_sum")
-        low = self._emit(relax.op.nn.conv2d_transpose(g_pool, w_sum, groups=layer.groups),
-                         "gf_gx_low")
-        rows = self._emit(relax.op.take(low, relax.const(layer.block_index(0)), 2, "clip"),
-                          "gf_gx_rows")
-        return relax.op.take(rows, relax.const(layer.block_index(1)), 3, "clip")
-
-    def _grad_weight(self, g_pool: relax.Var, x_sum: relax.Var, layer: _Layer) -> relax.Expr:
-        n, co = layer.y_shape[:2]
-        ci_group, kh, kw = layer.w_shape[1:]
-        g = layer.groups
-        length = n * layer.blocks[0] * layer.blocks[1]
-        # (N, g, C/g, P, Q) -> (g, C/g, N·P·Q): a batched matmul over groups.
-        flat = lambda t, c: relax.op.reshape(relax.op.permute_dims(relax.op.reshape(
-            t, (n, g, c, layer.blocks[0], layer.blocks[1])), [1, 2, 0, 3, 4]), (g, c, length))
-        g_flat = self._emit(flat(g_pool, co // g), "gf_g_flat")
-        x_flat = self._emit(relax.op.permute_dims(flat(x_sum, ci_group), [0, 2, 1]), "gf_x_flat")
-        product = self._emit(relax.op.matmul(g_flat, x_flat), "gf_gw_1x1")
-        return relax.op.broadcast_to(relax.op.reshape(product, (co, ci_group, 1, 1)),
-                                     (co, ci_group, kh, kw))
 
 
 @tvm.transform.module_pass(opt_level=0, name="GradientFilter")

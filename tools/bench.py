@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Train-step time: gftvm's compiled step vs PyTorch eager, side by side in one run.
+"""Benchmarks, measured side by side in one run with the same thread count.
 
-Both run the same model, trainable set, optimizer, batch and thread count (BN in eval mode,
-SGD with momentum). Prints one row per configuration with the ratio torch / gftvm
-(above 1 means gftvm is faster).
-
-    python tools/bench.py --models mcunet resnet18 --train all last:4 --batch 8 --threads 2
+    python tools/bench.py steps  [--models ...] [--train all last:4] [--batch 8]
+        train-step time: gftvm's compiled step vs PyTorch eager (BN in eval mode, SGD+momentum)
+    python tools/bench.py layers [--patch 2 4] [--batch 8] [--csv F] [--plot F]
+        per-layer conv backward on the paper's shapes: gftvm's compiled gradient-filter
+        backward vs PyTorch's oneDNN exact backward (grad_x + grad_w) vs PyTorch-eager
+        gradient filtering, and the memory-traffic floor (gy read + grad_x written)
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
 import statistics
@@ -18,62 +20,65 @@ import sys
 import tempfile
 import time
 
+# (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
+PAPER_SHAPES = [(128, 120, 160), (256, 60, 80), (512, 30, 40), (512, 14, 14), (256, 14, 14),
+                (128, 28, 28), (64, 56, 56)]
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
-    parser.add_argument("--train", nargs="+", default=["all", "last:4"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs (after warm-up)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    steps = sub.add_parser("steps", help="whole train steps vs PyTorch eager")
+    steps.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
+    steps.add_argument("--train", nargs="+", default=["all", "last:4"])
+    steps.add_argument("--image-size", type=int, default=32)
+    layers = sub.add_parser("layers", help="per-layer backward on the paper's shapes")
+    layers.add_argument("--patch", nargs="+", type=int, default=[2, 4])
+    layers.add_argument("--csv", default="out/bench_layers.csv")
+    layers.add_argument("--plot", default="out/bench_layers.png")
     return parser.parse_args()
 
 
-def median_ms(step, steps: int) -> float:
+def median_ms(run, repeat: int) -> float:
     for _ in range(2):
-        step()
+        run()
     times = []
-    for _ in range(steps):
+    for _ in range(repeat):
         start = time.perf_counter()
-        step()
+        run()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
-def main() -> int:
-    args = parse_args()
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+def bench_steps(args: argparse.Namespace) -> None:
     import torch
 
     import gftvm
     from gftvm import models
     from gftvm.data import synthetic
 
-    torch.set_num_threads(args.threads)
     images, labels = synthetic(args.batch, image_size=args.image_size)
     x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; "
-          f"threads={args.threads}, batch={args.batch}, {args.image_size}x{args.image_size}, "
-          f"median of {args.steps} steps")
     print(f"{'model':18} {'train':8} {'gftvm ms':>10} {'torch ms':>10} {'torch/gftvm':>12}")
     for name in args.models:
         for spec in args.train:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                model = models.export_zoo_model(name, path, args.image_size,
-                                                calibration=x_t)
+                model = models.export_zoo_model(name, path, args.image_size, calibration=x_t)
                 artifact = gftvm.compile(path, trainable=spec, batch_size=args.batch,
                                          optimizer="sgd", lr=1e-3, momentum=0.9)
                 artifact.save(tmp)
                 session = gftvm.runtime.load(tmp)
-            gftvm_ms = median_ms(lambda: session.step(images, labels), args.steps)
+            gftvm_ms = median_ms(lambda: session.step(images, labels), args.repeat)
 
             trained = set(artifact.manifest["trainable"])
-            params = [p for n, p in model.named_parameters() if n in trained]
             for n, p in model.named_parameters():
                 p.requires_grad_(n in trained)
-            opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                  momentum=0.9)
 
             def torch_step() -> None:
                 loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
@@ -81,9 +86,129 @@ def main() -> int:
                 loss.backward()
                 opt.step()
 
-            torch_ms = median_ms(torch_step, args.steps)
+            torch_ms = median_ms(torch_step, args.repeat)
             print(f"{name:18} {spec:8} {gftvm_ms:10.1f} {torch_ms:10.1f} "
                   f"{torch_ms / gftvm_ms:12.2f}", flush=True)
+
+
+def compiled_filtered_backward(layer):
+    """backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops, compiled alone."""
+    import tvm
+    from tvm import relax
+
+    from gftvm.compiler import host_target
+    from gftvm.passes.gradient_filter import (filtered_grad_input, filtered_grad_weight,
+                                              pooled_gradient)
+
+    n, c = layer.x_shape[:2]
+    tensor = lambda name, shape: relax.Var(name, relax.TensorType(shape, "float32"))
+    gy, x_sum = tensor("gy", layer.y_shape), tensor("x_sum", (n, c, *layer.blocks))
+    w = tensor("w", layer.w_shape)
+    bb = relax.BlockBuilder()
+    with bb.function("backward", [gy, x_sum, w]):
+        with bb.dataflow():
+            g_pool = pooled_gradient(bb, gy, layer)
+            grad_x = bb.emit(filtered_grad_input(bb, g_pool, w, layer))
+            grad_w = bb.emit(filtered_grad_weight(bb, g_pool, x_sum, layer))
+            out = bb.emit_output(relax.Tuple([grad_x, grad_w]))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), host_target()), tvm.cpu())
+    return vm["backward"]
+
+
+def eager_filtered_backward(gy, x_sum, w, patch):
+    """Gradient filtering in PyTorch eager, same semantics (stride 1, 'same' padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    g_pool = F.avg_pool2d(gy, patch, patch, ceil_mode=True, count_include_pad=False)
+    low = F.conv_transpose2d(g_pool, w.sum((2, 3), keepdim=True))
+    grad_x = low.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    grad_x = grad_x[:, :, :gy.shape[2], :gy.shape[3]]
+    grad_w = torch.einsum("nopq,nipq->oi", g_pool, x_sum)[:, :, None, None].expand_as(w)
+    return grad_x, grad_w
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large tensor copy (read + write)."""
+    import torch
+
+    src, dst = torch.ones(64 << 20), torch.empty(64 << 20)
+    return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src), 5) / 1e3)
+
+
+def bench_layers(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    import tvm
+
+    from gftvm.passes.gradient_filter import ConvGeometry
+
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms", "floor_ms",
+              "bp/gf", "eager/gf", "gf/floor"]
+    print(" ".join(f"{h:>11}" for h in header))
+    rows = []
+    n = args.batch
+    for c, h, w in PAPER_SHAPES:
+        rng = np.random.default_rng(0)
+        x = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
+        gy = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
+        weight = torch.from_numpy(rng.normal(size=(c, c, 3, 3)).astype(np.float32))
+        torch_bp = median_ms(lambda: torch.ops.aten.convolution_backward(
+            gy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [True, True, False]), args.repeat)
+        for patch in args.patch:
+            layer = ConvGeometry(patch, (n, c, h, w), (c, c, 3, 3), (n, c, h, w), (1, 1),
+                                 (1, 1), 1)
+            x_sum = torch.nn.functional.avg_pool2d(x, patch, patch, ceil_mode=True) * patch ** 2
+            backward = compiled_filtered_backward(layer)
+            inputs = [tvm.runtime.tensor(t.numpy()) for t in (gy, x_sum, weight)]
+            gf = median_ms(lambda: backward(*inputs), args.repeat)
+            eager = median_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
+                              args.repeat)
+            floor = 2 * gy.numel() * 4 / bandwidth * 1e3
+            row = [c, h, w, patch, gf, torch_bp, eager, floor, torch_bp / gf, eager / gf,
+                   gf / floor]
+            rows.append(row)
+            print(" ".join(f"{v:>11.2f}" if isinstance(v, float) else f"{v:>11}" for v in row),
+                  flush=True)
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    plot_layers(rows, args.plot)
+    print(f"wrote {args.csv} and {args.plot}")
+
+
+def plot_layers(rows: list[list], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r[0]}ch {r[1]}x{r[2]} R{r[3]}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for column, name in [(4, "gftvm GF (compiled)"), (5, "PyTorch BP (oneDNN)"),
+                         (6, "PyTorch eager GF"), (7, "memory floor")]:
+        ax.plot(labels, [r[column] for r in rows], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_ylabel("backward time (ms)")
+    ax.tick_params(axis="x", rotation=60)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; threads={args.threads}, "
+          f"batch={args.batch}, median of {args.repeat} runs")
+    bench_steps(args) if args.command == "steps" else bench_layers(args)
     return 0
 
 
