@@ -18,7 +18,9 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(VENV)/bin/python tools/bench.py
+	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
+	$(VENV)/bin/python tools/bench.py steps
+	$(VENV)/bin/python tools/bench.py layers
 
 clean:
 	rm -rf $(VENV) out *.egg-info
