@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from . import __version__, trainable as trainable_policy
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .filter import PLAN_HEADER, GradientFilter, LayerPlan, plan_json, resolve_plan
 from .frontend import onnx as onnx_frontend
 from .runtime import FORMAT_VERSION, MANIFEST, sha256
@@ -111,6 +111,10 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     names = trainable_policy.resolve(proto, trainable)
     onnx_frontend.check_differentiable(proto, set(names), where)
     forward = onnx_frontend.import_model(proto, batch_size, where)
+    logits = forward["main"].ret_ty
+    if not isinstance(logits, relax.TensorType) or len(logits.shape) != 2:
+        raise ModelError(f"{where}: the output must be logits of shape (batch, classes), got "
+                         f"{logits}")
     say(f"imported {where} ({len(proto.graph.node)} nodes) in {time.perf_counter() - start:.1f}s")
     plan = resolve_plan(proto, filter, names, forward) if filter is not None else []
 
@@ -122,6 +126,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
 
     start = time.perf_counter()
     tvm_target = host_target()
+    say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
     executable = tvm.compile(mod, target=tvm_target)
     say(f"compiled for {target} in {time.perf_counter() - start:.1f}s")
 

@@ -115,7 +115,8 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
     optimizer.init(required)
     init_state = [value.numpy() for value in optimizer.state]
 
-    adjoint = mod["backbone_loss_adjoint"]
+    adjoint = relax.transform.DeadCodeElimination(["backbone_loss_adjoint"])(
+        mod)["backbone_loss_adjoint"]
     mod = _add_train_step(mod, optimizer.get_function(), params, trainable, init_state,
                           targets_type)
     mod["predict"] = mod["backbone"].with_attr("global_symbol", "predict")

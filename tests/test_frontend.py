@@ -103,3 +103,10 @@ def test_frozen_layers_get_no_gradient_code(mcunet_onnx, count):
     assert text.count("R.nn.conv2d_transpose(") == count - 1
     # forward convs (30) + one weight-gradient conv per trained layer
     assert text.count("R.nn.conv2d(") == 30 + count
+
+
+def test_model_input_must_be_a_float_image():
+    model = floor_model()
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    with pytest.raises(gftvm.ModelError, match="'input' must be a float32 NCHW image"):
+        gftvm.compile(model, batch_size=2)

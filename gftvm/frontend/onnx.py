@@ -58,15 +58,20 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
         raise ModelError(f"invalid ONNX model {where}: {err}") from err
-    if len(proto.graph.input) - _count_initializer_inputs(proto) != 1:
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [inp for inp in proto.graph.input if inp.name not in initializers]
+    if len(inputs) != 1:
         raise ModelError(f"{where}: gftvm expects exactly one image input, got "
-                         f"{[i.name for i in proto.graph.input]}")
+                         f"{[inp.name for inp in inputs]}")
+    tensor = inputs[0].type.tensor_type
+    dims = [d.dim_value for d in tensor.shape.dim]
+    if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or min(dims[1:]) < 1:
+        raise ModelError(f"{where}: input '{inputs[0].name}' must be a float32 NCHW image with "
+                         f"static C, H, W; got elem_type {tensor.elem_type}, shape {dims}")
+    if len(proto.graph.output) != 1:
+        raise ModelError(f"{where}: gftvm expects one output (the logits), got "
+                         f"{[out.name for out in proto.graph.output]}")
     return proto
-
-
-def _count_initializer_inputs(proto: onnx.ModelProto) -> int:
-    names = {init.name for init in proto.graph.initializer}
-    return sum(inp.name in names for inp in proto.graph.input)
 
 
 def check_differentiable(proto: onnx.ModelProto, trainable: set[str], where: str) -> None:
