@@ -64,3 +64,32 @@ def test_pad_and_clip_are_differentiated(tmp_path):
     session = check_parity(model, path, ["conv.weight", "conv.bias", "fc.weight", "fc.bias"],
                            "sgd", image_size=9)
     assert "lo" not in session.manifest["trainable"]
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling by 2 (an ONNX Resize), which TVM lowers to call_tir."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.interpolate(self.conv1(x), scale_factor=2, mode="nearest")
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_nearest_resize_is_differentiated(tmp_path):
+    torch.manual_seed(0)
+    model = Upsample()
+    check_parity(model, export(model, tmp_path / "model.onnx", 5), "all", "sgd", image_size=5)
+
+
+def test_bilinear_resize_on_a_trained_path_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = Upsample()
+    model.forward = lambda x: model.fc(nn.functional.interpolate(
+        model.conv1(x), scale_factor=2, mode="bilinear").mean((2, 3)))
+    path = export(model, tmp_path / "model.onnx", 5)
+    with pytest.raises(gftvm.UnsupportedOpError, match=r"Resize.*mode=linear"):
+        gftvm.compile(path, trainable="all", batch_size=2)

@@ -18,6 +18,18 @@ def _pad_grad(orig_var: relax.Var, orig_call: Call, output_grad: relax.Var,
     return [relax.op.strided_slice(output_grad, axes, before, ends)]
 
 
+@register_gradient("relax.repeat")
+def _repeat_grad(orig_var: relax.Var, orig_call: Call, output_grad: relax.Var,
+                 ctx: relax.BlockBuilder) -> list[relax.Expr]:
+    """Each input element was copied ``repeats`` times along ``axis``: sum the copies."""
+    if orig_call.attrs.axis is None:
+        raise ValueError("no gradient for relax.repeat without an axis")
+    shape = [int(d) for d in orig_call.args[0].ty.shape]
+    axis = int(orig_call.attrs.axis) % len(shape)
+    split = shape[:axis + 1] + [int(orig_call.attrs.repeats)] + shape[axis + 1:]
+    return [relax.op.sum(relax.op.reshape(output_grad, split), axis=axis + 1)]
+
+
 @register_gradient("relax.grad.no_grad")
 def _no_grad_grad(orig_var: relax.Var, orig_call: Call, output_grad: relax.Var,
                   ctx: relax.BlockBuilder) -> list[relax.Expr]:

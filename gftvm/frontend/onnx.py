@@ -6,7 +6,9 @@ that emit differentiable Relax ops instead:
 
 - ``Clip(x, lo, hi)`` -> ``minimum(maximum(x, lo), hi)`` (both have registered gradients),
 - ``Pad(mode="constant")`` -> ``relax.nn.pad``, whose gradient (a slice) gftvm registers
-  in :mod:`gftvm.frontend.gradients`.
+  in :mod:`gftvm.frontend.gradients`,
+- nearest ``Resize`` by integer factors -> ``relax.repeat`` along H and W (gradient registered
+  there too: a sum over the repeats).
 
 Every other op keeps TVM's converter. Before importing, every node that lies on a path from a
 trainable parameter to the output is checked against :data:`DIFFERENTIABLE_OPS`, so an op
@@ -33,8 +35,32 @@ from . import gradients  # noqa: F401  (registers the gradients the converters r
 DIFFERENTIABLE_OPS = frozenset({
     "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "Div", "Flatten",
     "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Pad", "ReduceMean",
-    "Relu", "Reshape", "Sigmoid", "Sub", "Transpose",
+    "Relu", "Reshape", "Resize", "Sigmoid", "Sub", "Transpose",
 })
+
+_NEAREST_AS_REPEAT = {(b"asymmetric", b"floor"), (b"half_pixel", b"round_prefer_floor"),
+                      (b"half_pixel", b"round_prefer_ceil"),
+                      (b"pytorch_half_pixel", b"round_prefer_floor"),
+                      (b"pytorch_half_pixel", b"round_prefer_ceil")}
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _unsupported_variant(node: onnx.NodeProto) -> str | None:
+    """Why a node of a differentiable op type still cannot be differentiated, if it cannot."""
+    attrs = _attrs(node)
+    if node.op_type == "Pad" and attrs.get("mode", b"constant") != b"constant":
+        return f"mode={attrs['mode'].decode()} (only constant padding)"
+    if node.op_type == "Resize":
+        mode = attrs.get("mode", b"nearest")
+        coords = (attrs.get("coordinate_transformation_mode", b"half_pixel"),
+                  attrs.get("nearest_mode", b"round_prefer_floor"))
+        if mode != b"nearest" or coords not in _NEAREST_AS_REPEAT:
+            return (f"mode={mode.decode()}, coordinate_transformation_mode={coords[0].decode()}"
+                    f" (only nearest upsampling by integer factors)")
+    return None
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -82,11 +108,16 @@ def check_differentiable(proto: onnx.ModelProto, trainable: set[str], where: str
     for node in proto.graph.node:
         if not tainted.intersection(node.input):
             continue
+        op = f"op {node.domain or 'ai.onnx'}::{node.op_type} (node '{node.name}')"
         if node.op_type not in DIFFERENTIABLE_OPS or node.domain not in ("", "ai.onnx"):
             raise UnsupportedOpError(
-                f"{where}: op {node.domain or 'ai.onnx'}::{node.op_type} (node '{node.name}') "
-                f"lies between trainable parameters and the loss, and gftvm cannot differentiate "
-                f"it. Differentiable ops: {', '.join(sorted(DIFFERENTIABLE_OPS))}")
+                f"{where}: {op} lies between trainable parameters and the loss, and gftvm "
+                f"cannot differentiate it. Differentiable ops: "
+                f"{', '.join(sorted(DIFFERENTIABLE_OPS))}")
+        reason = _unsupported_variant(node)
+        if reason:
+            raise UnsupportedOpError(f"{where}: {op} lies between trainable parameters and the "
+                                     f"loss, and gftvm cannot differentiate it with {reason}")
         tainted.update(node.output)
 
 
@@ -134,7 +165,45 @@ class _Pad(onnx_frontend.Pad):
     _impl_v13 = _impl_v18 = _impl_v19 = _impl_v11
 
 
-_CONVERTER_OVERRIDES = {"Clip": _Clip, "Pad": _Pad}
+class _Resize(onnx_frontend.Resize):
+    """Nearest Resize by integer factors on H and W as ``repeat``; others keep TVM's form."""
+
+    @classmethod
+    def _impl_v18(cls, bb, inputs, attr, params):
+        factors = _integer_factors(inputs, params)
+        coords = (attr.get("coordinate_transformation_mode", b"half_pixel"),
+                  attr.get("nearest_mode", b"round_prefer_floor"))
+        if (attr.get("mode", b"nearest") != b"nearest" or coords not in _NEAREST_AS_REPEAT
+                or factors is None):
+            return super()._impl_v18(bb, inputs, attr, params)
+        x = inputs[0]
+        for axis, factor in zip((2, 3), factors):
+            if factor > 1:
+                x = relax.op.repeat(x, factor, axis)
+        return x
+
+    _impl_v11 = _impl_v13 = _impl_v18
+
+
+def _integer_factors(inputs, params) -> tuple[int, int] | None:
+    """The H and W upscale factors of a Resize if they are constant integers (N, C kept)."""
+    shape = [int(d) for d in inputs[0].ty.shape]
+    scales = onnx_frontend.get_constant(inputs[2], params) if len(inputs) > 2 and inputs[2] \
+        is not None else None
+    sizes = onnx_frontend.get_constant(inputs[3], params) if len(inputs) > 3 and inputs[3] \
+        is not None else None
+    if isinstance(scales, tvm.ir.GenericConst) and scales.value.numpy().size == 4:
+        factors = scales.value.numpy().tolist()
+    elif isinstance(sizes, tvm.ir.GenericConst):
+        factors = [out / dim for out, dim in zip(sizes.value.numpy().tolist(), shape)]
+    else:
+        return None
+    if factors[:2] != [1, 1] or any(f != int(f) or f < 1 for f in factors[2:]):
+        return None
+    return int(factors[2]), int(factors[3])
+
+
+_CONVERTER_OVERRIDES = {"Clip": _Clip, "Pad": _Pad, "Resize": _Resize}
 
 
 @contextlib.contextmanager
