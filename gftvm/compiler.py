@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import onnx
 import tvm
 from tvm import relax
 
-from . import __version__, trainable as trainable_policy
+from . import __version__, targets, trainable as trainable_policy
 from .errors import ConfigError, ModelError
 from .filter import PLAN_HEADER, GradientFilter, LayerPlan, plan_json, resolve_plan
 from .frontend import onnx as onnx_frontend
@@ -23,15 +22,8 @@ from .runtime import FORMAT_VERSION, MANIFEST, sha256
 from .state import TrainState, write_state
 from .train_graph import OptimizerConfig, build_train_module
 
-TARGETS = ("host",)
 LIBRARY = "train_step.so"
 STATE = "state.npz"
-
-
-def host_target() -> tvm.target.Target:
-    """The build machine's CPU, as LLVM names it."""
-    return tvm.target.Target({"kind": "llvm",
-                              "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
 
 @dataclass
@@ -52,7 +44,8 @@ class Artifact:
             os.unlink(manifest_path)
         library = os.path.join(directory, LIBRARY)
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            self.executable.export_library(os.path.join(tmp, LIBRARY))
+            targets.export(self.executable, os.path.join(tmp, LIBRARY),
+                           targets.get(self.manifest["target"]["name"]))
             os.replace(os.path.join(tmp, LIBRARY), library)
         write_state(os.path.join(directory, STATE), self.state)
         files = {"library": {"path": LIBRARY, "sha256": sha256(library)},
@@ -98,8 +91,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
     ``predict`` function of a forward ONNX model. See README for the options."""
     say = progress or (lambda message: None)
-    if target not in TARGETS:
-        raise ConfigError(f"target={target!r}: supported targets are {', '.join(TARGETS)}")
+    spec = targets.get(target)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be positive")
     where = "<onnx.ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
@@ -125,7 +117,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     say(f"built the training graph in {time.perf_counter() - start:.1f}s")
 
     start = time.perf_counter()
-    tvm_target = host_target()
+    tvm_target = spec.tvm_target()
     say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
     executable = tvm.compile(mod, target=tvm_target)
     say(f"compiled for {target} in {time.perf_counter() - start:.1f}s")
@@ -136,7 +128,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     manifest = {
         "format_version": FORMAT_VERSION,
         "model": where,
-        "target": {"name": target, "arch": platform.machine(), "tvm": str(tvm_target)},
+        "target": {"name": target, "arch": spec.arch, "tvm": str(tvm_target)},
         "input": {"name": image.name, "shape": [int(d) for d in predict.params[0].ty.shape],
                   "dtype": "float32"},
         "num_classes": int(predict.ret_ty.shape[1]),

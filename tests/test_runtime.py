@@ -100,7 +100,7 @@ def test_artifact_for_another_target_is_refused(artifact_dir, tmp_path):
 
     target = copy_artifact(artifact_dir, tmp_path)
     manifest = json.loads((target / "manifest.json").read_text())
-    manifest["target"]["name"] = "cortex-a72"
+    manifest["target"].update(name="cortex-a72", arch="aarch64")
     (target / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(gftvm.ArtifactError, match="built for target cortex-a72"):
         gftvm.runtime.load(target)

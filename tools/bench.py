@@ -96,7 +96,7 @@ def compiled_filtered_backward(layer):
     import tvm
     from tvm import relax
 
-    from gftvm.compiler import host_target
+    from gftvm import targets
     from gftvm.passes.gradient_filter import (filtered_grad_input, filtered_grad_weight,
                                               pooled_gradient)
 
@@ -112,7 +112,7 @@ def compiled_filtered_backward(layer):
             grad_w = bb.emit(filtered_grad_weight(bb, g_pool, x_sum, layer))
             out = bb.emit_output(relax.Tuple([grad_x, grad_w]))
         bb.emit_func_output(out)
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), host_target()), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), targets.get("host").tvm_target()), tvm.cpu())
     return vm["backward"]
 
 
