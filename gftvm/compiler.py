@@ -61,7 +61,7 @@ class Artifact:
         count = lambda names: sum(int(np.prod(params[n]["shape"])) for n in names)
         return "\n".join([
             f"model      {m['model']}",
-            f"target     {m['target']['name']} ({m['target']['tvm']})",
+            f"target     {m['target']['name']} ({m['target']['arch']})",
             f"input      {m['input']['name']} {m['input']['dtype']}{m['input']['shape']}, "
             f"{m['num_classes']} classes",
             f"trainable  {m['trainable_spec']}: {len(m['trainable'])} tensors, "

@@ -85,7 +85,7 @@ class Session:
         """One optimizer step on the batch; returns the mean cross-entropy before the update."""
         x_t = tvm.runtime.tensor(self._check_input(x), self.device)
         y_t = tvm.runtime.tensor(self._check_labels(y), self.device)
-        loss, updated, state = self._vm["train_step"](x_t, y_t, *self._params, self._optim)
+        loss, updated, state = self._vm["train_step"](x_t, y_t, *self._params, *self._optim)
         for index, value in zip(self._trainable, updated):
             self._params[index] = value
         self._optim = tuple(state)

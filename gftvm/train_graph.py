@@ -3,8 +3,10 @@
 The result has two entry functions::
 
     predict(input, *params) -> logits
-    train_step(input, targets, *params, optim_state)
-        -> (loss, (updated trainable params...), new optim_state)
+    train_step(input, targets, *params, *optim_state)
+        -> (loss, (updated trainable params...), (new optim_state...))
+
+(Flat arguments, so that TVM RPC, which cannot pass tuples, can call it too.)
 
 ``params`` are all model parameters in ONNX initializer order; only the trainable ones are
 differentiated and updated. ``StopGradientAtFrozen`` keeps ``relax.transform.Gradient`` out of
@@ -131,20 +133,20 @@ def _add_train_step(mod: tvm.IRModule, optimizer: relax.Function, params: list[r
     image = relax.Var("input", mod["backbone"].params[0].ty)
     targets = relax.Var("targets", targets_type)
     param_vars = [relax.Var(p.name, p.ty) for p in params]
-    state_type = relax.TupleType([relax.TensorType(s.shape, str(s.dtype)) for s in init_state])
-    state = relax.Var("optim_state", state_type)
+    state = [relax.Var(f"optim_state_{i}", relax.TensorType(s.shape, str(s.dtype)))
+             for i, s in enumerate(init_state)]
     by_name = {v.name: v for v in param_vars}
 
     bb = relax.BlockBuilder(mod)
     optimizer_gv = bb.add_func(optimizer, "optimizer")
-    with bb.function("train_step", [image, targets, *param_vars, state]):
+    with bb.function("train_step", [image, targets, *param_vars, *state]):
         with bb.dataflow():
             adjoint = bb.emit(relax.Call(mod.get_global_var("backbone_loss_adjoint"),
                                          [image, *param_vars, targets]))
             loss = bb.emit(relax.TupleGetItem(adjoint, 0))
             grads = bb.emit(relax.TupleGetItem(adjoint, 1))
             trained = relax.Tuple([by_name[name] for name in trainable])
-            updated = bb.emit(relax.Call(optimizer_gv, [trained, grads, state]))
+            updated = bb.emit(relax.Call(optimizer_gv, [trained, grads, relax.Tuple(state)]))
             out = bb.emit_output(relax.Tuple([loss, relax.TupleGetItem(updated, 0),
                                               relax.TupleGetItem(updated, 1)]))
         bb.emit_func_output(out)
