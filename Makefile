@@ -14,7 +14,10 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python tools/demo.py
 
+# The Cortex-A72 test runs artifacts under qemu; the script installs the emulator and an
+# aarch64 Python with the TVM runtime into .aarch64/ (idempotent, fast when done).
 test: $(STAMP)
+	bash tools/setup_aarch64_emulation.sh .aarch64
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
@@ -23,4 +26,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python tools/bench.py layers
 
 clean:
-	rm -rf $(VENV) out *.egg-info
+	rm -rf $(VENV) .aarch64 out *.egg-info
