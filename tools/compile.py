@@ -20,7 +20,8 @@ import gftvm
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", help="forward ONNX model (default: bundled model)")
-    parser.add_argument("--target", default="host", help="compilation target (default: host)")
+    parser.add_argument("--target", default="host",
+                        help="host (this machine) or cortex-a72 (Raspberry Pi 4, aarch64)")
     parser.add_argument("--train", default="all", help="'all', 'last:K' or comma-separated "
                         "initializer names (default: all)")
     parser.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
