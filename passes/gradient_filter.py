@@ -25,8 +25,9 @@ The rewrite, on calls named by :mod:`conv_backward`, for each layer in ``plan``:
     gw = conv2d_grad_weight(x, gy, W)    ->  gw     = broadcast(g_pool · x_sum over N, P, Q)
 
 x_sum is computed next to the forward conv, so the backward keeps only x_sum alive for the
-layer, not x, unless another op's backward needs x (ReLU and BatchNorm need their own inputs,
-MaxPool its input; the input of a conv is usually the output of those, which they do not need).
+layer, not x, unless another op's backward needs x: an unfiltered conv reading the same x
+(ResNet's downsample shortcut), or an op whose backward reads its input (ReLU, Clip, MaxPool,
+Mul, BatchNorm's scale) if x is that input. A conv's input is usually such an op's *output*.
 Dilated convs are not filtered (the planner keeps their exact backward and warns).
 """
 
