@@ -16,7 +16,8 @@ from tvm import relax
 
 from . import __version__, targets, trainable as trainable_policy
 from .errors import ConfigError, ModelError
-from .filter import PLAN_HEADER, GradientFilter, LayerPlan, plan_json, resolve_plan
+from .filter import (PLAN_HEADER, GradientFilter, LayerPlan, conv_backward_macs, plan_json,
+                     resolve_plan)
 from .frontend import onnx as onnx_frontend
 from .runtime import FORMAT_VERSION, MANIFEST, sha256
 from .state import TrainState, write_state
@@ -68,6 +69,7 @@ class Artifact:
             f"{count(m['trainable']):,} of {count(params):,} parameters",
             f"optimizer  {m['optimizer']}",
             f"saved ctx  {m['saved_context_bytes']:,} bytes kept from forward for backward",
+            f"conv bwd   {m['conv_backward_macs']:,} MACs per step",
             f"versions   gftvm {m['versions']['gftvm']}, tvm {m['versions']['tvm']}",
             self.plan_table(),
         ])
@@ -138,6 +140,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
         "trainable": names,
         "optimizer": opt.to_json(),
         "saved_context_bytes": built.saved_bytes,
+        "conv_backward_macs": conv_backward_macs(proto, names, forward, plan),
         "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)} for v in optim],
         "gradient_filter": None if filter is None else {**filter.to_json(),
                                                         "plan": plan_json(plan)},

@@ -104,11 +104,8 @@ def resolve_plan(proto: onnx.ModelProto, config: GradientFilter, trainable: list
         if any(int(d) != 1 for d in call.attrs.dilation):
             warnings.warn(f"GradientFilter: {name!r} is dilated; it keeps its exact backward")
             continue
-        x_shape = [int(d) for d in call.args[0].ty.shape]
-        y_shape = [int(d) for d in call.ty.shape]
-        w_shape = [int(d) for d in call.args[1].ty.shape]
+        x_shape, y_shape, w_shape = _shapes(call)
         blocks = math.ceil(y_shape[2] / patch) * math.ceil(y_shape[3] / patch)
-        macs = math.prod(y_shape) * math.prod(w_shape[1:])
         low_macs = y_shape[0] * y_shape[1] * blocks * w_shape[1]
         grad_input = name in upstream_trained
         plan.append(LayerPlan(
@@ -117,9 +114,39 @@ def resolve_plan(proto: onnx.ModelProto, config: GradientFilter, trainable: list
             groups=int(call.attrs.groups), patch=patch, computes_grad_input=grad_input,
             saved_bytes_bp=math.prod(x_shape) * FLOAT_BYTES,
             saved_bytes_gf=x_shape[0] * x_shape[1] * blocks * FLOAT_BYTES,
-            backward_macs_bp=macs * (1 + grad_input),
+            backward_macs_bp=_macs(call) * (1 + grad_input),
             backward_macs_gf=low_macs * (1 + grad_input)))
     return plan
+
+
+def conv_backward_macs(proto: onnx.ModelProto, trainable: list[str], forward: tvm.IRModule,
+                       plan: list[LayerPlan]) -> int:
+    """MACs of all conv backward work in one train step: grad_w of every trained conv, grad_x
+    of every conv after the first trained one; filtered layers count their filtered cost."""
+    filtered = {layer.weight: layer.backward_macs_gf for layer in plan}
+    trained = set(trainable)
+    upstream_trained = _convs_after_trained(proto, trained)
+    convs = _relax_convs(forward["main"])
+    total = 0
+    for node in proto.graph.node:
+        weight = node.input[1] if node.op_type == "Conv" else None
+        if weight in filtered:
+            total += filtered[weight]
+        elif weight is not None:
+            total += _macs(convs[weight]) * ((weight in trained) + (node.name in upstream_trained))
+    return total
+
+
+def _shapes(call: relax.Call) -> tuple[list[int], list[int], list[int]]:
+    """Input, output and weight shapes of a conv2d call."""
+    return ([int(d) for d in call.args[0].ty.shape], [int(d) for d in call.ty.shape],
+            [int(d) for d in call.args[1].ty.shape])
+
+
+def _macs(call: relax.Call) -> int:
+    """Multiply-accumulates of a conv2d call (its forward, = each of its two gradients)."""
+    _, y_shape, w_shape = _shapes(call)
+    return math.prod(y_shape) * math.prod(w_shape[1:])
 
 
 def plan_json(plan: list[LayerPlan]) -> list[dict]:

@@ -114,3 +114,17 @@ def test_dilated_conv_keeps_exact_backward(tmp_path):
         artifact = gftvm.compile(path, trainable="all", batch_size=2,
                                  filter=gftvm.GradientFilter(2, "last:1"))
     assert artifact.manifest["gradient_filter"]["plan"] == []
+
+
+def test_conv_backward_macs_in_the_manifest(tmp_path):
+    """Counted by hand for SmallNet at 8x8, batch 2, all trained: per conv, forward MACs are
+    N·Co·Ho·Wo·(Ci/g)·k²; grad_w costs that for every conv, grad_x for conv2 and conv3."""
+    torch.manual_seed(0)
+    path = export(SmallNet(), tmp_path / "model.onnx", 8)
+    conv1, conv2, conv3 = 2 * 8 * 64 * 3 * 9, 2 * 8 * 64 * 4 * 9, 2 * 16 * 16 * 8 * 9
+    exact = gftvm.compile(path, trainable="all", batch_size=2)
+    assert exact.manifest["conv_backward_macs"] == conv1 + 2 * conv2 + 2 * conv3
+    filtered = gftvm.compile(path, trainable="all", batch_size=2,
+                             filter=gftvm.GradientFilter(4, "last:1"))
+    low = 2 * 16 * 1 * 8   # conv3 at R=4: its 4x4 output becomes one patch
+    assert filtered.manifest["conv_backward_macs"] == conv1 + 2 * conv2 + 2 * low
