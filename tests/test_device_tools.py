@@ -48,6 +48,7 @@ def test_measure_over_rpc_loopback(artifact_dir):
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
+            assert server.poll() is None, "the RPC server exited"
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
