@@ -34,3 +34,21 @@ def conv_inputs(func: relax.Function) -> dict[str, relax.Var]:
             for block in func.body.blocks for b in block.bindings
             if isinstance(b.value, relax.Call) and b.value.op == conv2d
             and isinstance(b.value.args[1], relax.Var)}
+
+
+def planned_storage_bytes(mod: tvm.IRModule, func_name: str = "train_step") -> int:
+    """Bytes of storage Relax's static memory planner reserves for ``func_name`` (tensors whose
+    lifetimes do not overlap share storage), lowered as ``tvm.compile`` lowers it."""
+    lowered = tvm.transform.Sequential([
+        relax.transform.LegalizeOps(), relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(), relax.transform.StaticPlanBlockMemory()])(mod)
+    alloc_storage = tvm.ir.Op.get("relax.memory.alloc_storage")
+    sizes = []
+
+    def visit(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Call) and expr.op == alloc_storage:
+            sizes.append(int(expr.args[0].values[0]))
+
+    relax.analysis.post_order_visit(lowered[func_name], visit)
+    return sum(sizes)
