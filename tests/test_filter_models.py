@@ -130,3 +130,17 @@ def test_conv_backward_macs_in_the_manifest(tmp_path):
                              filter=gftvm.GradientFilter(4, "last:1"))
     low = 2 * 16 * 1 * 8   # conv3 at R=4: its 4x4 output becomes one patch
     assert filtered.manifest["conv_backward_macs"] == conv1 + 2 * conv2 + 2 * low
+
+
+def test_layers_by_name_and_by_dict(tmp_path):
+    torch.manual_seed(0)
+    path = export(SmallNet(), tmp_path / "model.onnx", 8)
+    convs = [node.name for node in onnx.load(path).graph.node if node.op_type == "Conv"]
+    by_list = gftvm.compile(path, trainable="all", batch_size=2,
+                            filter=gftvm.GradientFilter(2, [convs[1]]))
+    by_dict = gftvm.compile(path, trainable="all", batch_size=2,
+                            filter=gftvm.GradientFilter(2, {convs[0]: 4, convs[2]: 2}))
+    plan = lambda art: [(l["node"], l["patch"]) for l in art.manifest["gradient_filter"]["plan"]]
+    assert plan(by_list) == [(convs[1], 2)]
+    assert plan(by_dict) == [(convs[0], 4), (convs[2], 2)]
+    assert by_dict.manifest["gradient_filter"]["layers"] == {convs[0]: 4, convs[2]: 2}
