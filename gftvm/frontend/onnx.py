@@ -149,7 +149,8 @@ class _Pad(onnx_frontend.Pad):
 
     @classmethod
     def _impl_v11(cls, bb, inputs, attr, params):
-        if attr.get("mode", b"constant") != b"constant" or (len(inputs) > 3 and inputs[3]):
+        if attr.get("mode", b"constant") != b"constant" or (len(inputs) > 3
+                                                             and inputs[3] is not None):
             return super()._impl_v11(bb, inputs, attr, params)
         pads = onnx_frontend.get_constant(inputs[1], params)
         if not isinstance(pads, tvm.ir.GenericConst):
@@ -226,7 +227,7 @@ def import_model(proto: onnx.ModelProto, batch_size: int, where: str) -> tvm.IRM
         with _differentiable_converters():
             mod = from_onnx(proto, shape_dict={image.name: shape}, keep_params_in_input=True,
                             sanitize_input_names=False)
-    except tvm.error.OpNotImplemented as err:
+    except (UnsupportedOpError, tvm.error.OpNotImplemented) as err:
         raise UnsupportedOpError(f"{where}: {err}") from err
     except Exception as err:
         raise ModelError(f"{where}: the ONNX importer failed: {err}") from err
