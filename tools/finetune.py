@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default="digits", help="digits or cifar:DIR")
     parser.add_argument("--pretrain-epochs", type=int, default=15)
+    parser.add_argument("--pretrain-lr", type=float, default=0.01)
     parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -65,14 +66,15 @@ def partitions(x: np.ndarray, y: np.ndarray, limit: int) -> dict[str, tuple]:
 def pretrain(args: argparse.Namespace, x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
     path = os.path.join(args.out, "pretrained",
                         f"{args.model}-s{args.seed}-{args.data.replace('/', '_')}"
-                        f"-e{args.pretrain_epochs}-n{len(x)}.pt")
+                        f"-e{args.pretrain_epochs}-lr{args.pretrain_lr}-n{len(x)}.pt")
     torch.manual_seed(args.seed)
     model = models.build(args.model, int(y.max()) + 1 if args.data != "digits" else 10)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
         return model.eval()
     rng = np.random.default_rng(args.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=args.pretrain_lr, momentum=0.9,
+                          weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.pretrain_epochs)
     model.train()
     for _ in tqdm(range(args.pretrain_epochs), desc=f"pretrain {args.model}", leave=False):
