@@ -21,7 +21,6 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
 	$(VENV)/bin/python tools/bench.py steps
 	$(VENV)/bin/python tools/bench.py layers
 
