@@ -66,7 +66,7 @@ class Artifact:
             f"input      {m['input']['name']} {m['input']['dtype']}{m['input']['shape']}, "
             f"{m['num_classes']} classes",
             f"trainable  {m['trainable_spec']}: {len(m['trainable'])} tensors, "
-            f"{count(m['trainable']):,} of {count(params):,} parameters",
+            f"{count(m['trainable']):,} of {count(params):,} values (BN statistics included)",
             f"optimizer  {m['optimizer']}",
             f"saved ctx  {m['saved_context_bytes']:,} bytes kept from forward for backward",
             f"conv bwd   {m['conv_backward_macs']:,} MACs per step",
