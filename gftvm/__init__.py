@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from . import errors, runtime  # noqa: E402
+from . import errors, runtime  # noqa: E402,F401  (public submodules)
 from .errors import *  # noqa: E402,F401,F403
 
 

@@ -27,10 +27,10 @@ def saved_for_backward(adjoint: relax.Function) -> dict[relax.Var, int]:
     return {var: _bytes(var) for var in forward & used_later}
 
 
-def conv_inputs(func: relax.Function) -> dict[str, relax.Var]:
-    """The input var of each forward conv2d, keyed by the name of its weight parameter."""
+def conv_calls(func: relax.Function) -> dict[str, relax.Call]:
+    """The forward conv2d calls of ``func``, keyed by the name of their weight parameter."""
     conv2d = tvm.ir.Op.get("relax.nn.conv2d")
-    return {b.value.args[1].name: b.value.args[0]
+    return {b.value.args[1].name: b.value
             for block in func.body.blocks for b in block.bindings
             if isinstance(b.value, relax.Call) and b.value.op == conv2d
             and isinstance(b.value.args[1], relax.Var)}

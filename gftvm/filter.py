@@ -16,7 +16,9 @@ import onnx
 import tvm
 from tvm import relax
 
+from .analysis import conv_calls
 from .errors import ConfigError
+from .frontend.onnx import dependents
 
 FLOAT_BYTES = 4
 
@@ -91,7 +93,7 @@ def resolve_plan(proto: onnx.ModelProto, config: GradientFilter, trainable: list
     """The per-layer plan, with shapes taken from the imported Relax forward function."""
     chosen = _selected(proto, config)
     nodes = {node.name: node for node in proto.graph.node}
-    convs = _relax_convs(forward["main"])
+    convs = conv_calls(forward["main"])
     trained = set(trainable)
     upstream_trained = _convs_after_trained(proto, trained)
     plan = []
@@ -126,7 +128,7 @@ def conv_backward_macs(proto: onnx.ModelProto, trainable: list[str], forward: tv
     filtered = {layer.weight: layer.backward_macs_gf for layer in plan}
     trained = set(trainable)
     upstream_trained = _convs_after_trained(proto, trained)
-    convs = _relax_convs(forward["main"])
+    convs = conv_calls(forward["main"])
     total = 0
     for node in proto.graph.node:
         weight = node.input[1] if node.op_type == "Conv" else None
@@ -153,21 +155,8 @@ def plan_json(plan: list[LayerPlan]) -> list[dict]:
     return [asdict(layer) for layer in plan]
 
 
-def _relax_convs(func: relax.Function) -> dict[str, relax.Call]:
-    """Forward conv2d calls keyed by the name of their weight parameter."""
-    conv2d = tvm.ir.Op.get("relax.nn.conv2d")
-    return {binding.value.args[1].name: binding.value
-            for block in func.body.blocks for binding in block.bindings
-            if isinstance(binding.value, relax.Call) and binding.value.op == conv2d
-            and isinstance(binding.value.args[1], relax.Var)}
-
-
 def _convs_after_trained(proto: onnx.ModelProto, trained: set[str]) -> set[str]:
     """Conv nodes whose input depends on a trained parameter (they need grad_x)."""
-    tainted, result = set(trained), set()
-    for node in proto.graph.node:
-        if node.op_type == "Conv" and node.input[0] in tainted:
-            result.add(node.name)
-        if tainted.intersection(node.input):
-            tainted.update(node.output)
-    return result
+    depends = dependents(proto, trained)
+    return {node.name for node in proto.graph.node
+            if node.op_type == "Conv" and node.input[0] in depends}

@@ -12,7 +12,7 @@ import numpy as np
 import gftvm
 from gftvm import train
 from gftvm.data import synthetic
-from test_tools import TOOLS, run
+from test_tools import run
 
 
 def test_train_cli_trains_and_resumes(artifact_dir, tmp_path, capsys):

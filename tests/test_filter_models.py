@@ -7,7 +7,7 @@ from torch import nn
 
 import gftvm
 from gftvm import trainable as trainable_policy
-from gftvm.analysis import conv_inputs, planned_storage_bytes, saved_for_backward
+from gftvm.analysis import conv_calls, planned_storage_bytes, saved_for_backward
 from gftvm.filter import resolve_plan
 from gftvm.frontend import onnx as onnx_frontend
 from gftvm.train_graph import OptimizerConfig, build_train_module
@@ -73,7 +73,8 @@ def test_filtered_layers_save_only_the_pooled_input(name, tmp_path):
     exact, _ = build(path, "last:4", None)
     filtered, plan = build(path, "last:4", 2)
     saved_bp, saved_gf = saved_for_backward(exact.adjoint), saved_for_backward(filtered.adjoint)
-    inputs_bp, inputs_gf = conv_inputs(exact.adjoint), conv_inputs(filtered.adjoint)
+    inputs_bp = {w: call.args[0] for w, call in conv_calls(exact.adjoint).items()}
+    inputs_gf = {w: call.args[0] for w, call in conv_calls(filtered.adjoint).items()}
     shapes_gf = [[int(d) for d in var.ty.shape] for var in saved_gf]
     for layer in plan:
         assert inputs_bp[layer.weight] in saved_bp, layer.node

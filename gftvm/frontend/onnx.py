@@ -100,13 +100,22 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     return proto
 
 
+def dependents(proto: onnx.ModelProto, names: set[str]) -> set[str]:
+    """``names`` and every tensor computed from one of them."""
+    result = set(names)
+    for node in proto.graph.node:
+        if result.intersection(node.input):
+            result.update(node.output)
+    return result
+
+
 def check_differentiable(proto: onnx.ModelProto, trainable: set[str], where: str) -> None:
     """Raise :class:`UnsupportedOpError` for the first node on a trained path that gftvm
     cannot differentiate. Nodes fed only by frozen tensors need no gradient and may be anything
     the importer accepts."""
-    tainted = set(trainable)
+    trained = dependents(proto, trainable)
     for node in proto.graph.node:
-        if not tainted.intersection(node.input):
+        if not trained.intersection(node.input):
             continue
         op = f"op {node.domain or 'ai.onnx'}::{node.op_type} (node '{node.name}')"
         if node.op_type not in DIFFERENTIABLE_OPS or node.domain not in ("", "ai.onnx"):
@@ -118,7 +127,6 @@ def check_differentiable(proto: onnx.ModelProto, trainable: set[str], where: str
         if reason:
             raise UnsupportedOpError(f"{where}: {op} lies between trainable parameters and the "
                                      f"loss, and gftvm cannot differentiate it with {reason}")
-        tainted.update(node.output)
 
 
 class _Clip(onnx_frontend.Clip):
