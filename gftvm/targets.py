@@ -9,6 +9,7 @@ which device it runs on.
 PTX for sm_53 here; CUDA 13's nvcc dropped sm_53) emits kernels as ``.func`` instead of
 ``.entry``, so the CUDA driver cannot launch them, and it fails LLVM verification for kernels
 with barriers (``llvm.nvvm.barrier.cta.sync.aligned.all`` called with the wrong arity).
+README ("Targets and the device side") has the root causes and the device-side obstacle.
 """
 
 from __future__ import annotations
