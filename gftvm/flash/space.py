@@ -43,9 +43,11 @@ class Ranges:
                 + (self.skips,) * self.cells]
 
 
-#: The full space (about 3e12 networks) and a reduced one small enough for exhaustive search.
+#: The full space (1.4e12 networks); a reduced one small enough for exhaustive search; the
+#: small networks, which latency measurements sample as often as the full space.
 FULL = Ranges()
 REDUCED = Ranges(widths=(8, 16, 24, 32), depths=(1, 2, 3, 4), skips=(0, 4, 8, 16))
+SMALL = Ranges(widths=tuple(range(8, 33)), depths=(1, 2, 3, 4), skips=tuple(range(0, 17)))
 
 
 @dataclass(frozen=True)
