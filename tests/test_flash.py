@@ -1,5 +1,6 @@
 """FLASH: NN-Degree, cost features, models, the hierarchical SHGO search and the CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from gftvm.errors import ConfigError
 from gftvm.flash import space
 from gftvm.flash.degree import (channel_graph_degree, nn_degree, resolution_cell,
                                 search_space_cell)
+from gftvm.flash.filter_search import LayerCosts, choose_filter, layer_costs, modelled_ms
 from gftvm.flash.hardware import (FEATURES, LatencyModel, features, layer_features,
                                   memory_bytes)
 from gftvm.flash.predictor import AccuracyPredictor
@@ -176,3 +178,46 @@ def test_cli_search_emits_a_compilable_model(tmp_path):
     for field in ("architecture", "NN-Degree", "accuracy", "latency", "memory", "search"):
         assert field in out.stdout
     gftvm.compile(tmp_path / "m.onnx", batch_size=1)
+
+
+def test_filter_plan_search_matches_exhaustive():
+    rng = np.random.default_rng(4)
+    bp = rng.integers(10 ** 5, 10 ** 7, 12).astype(float)
+    costs = LayerCosts([f"conv{i}" for i in range(12)],
+                       np.stack([bp, bp / 4 + 10, bp / 16 + 10], axis=1), 10 ** 7)
+    exact = modelled_ms(costs, 1e-6)
+    strongest = 1e-6 * (costs.forward_macs + costs.backward[:, 2].sum())
+    assert choose_filter(costs, 1e-6, exact) is None
+    with pytest.raises(ConfigError, match="even filtering all 12"):
+        choose_filter(costs, 1e-6, strongest * 0.99)
+    for budget in np.linspace(strongest, exact, 9)[1:-1]:
+        choice = choose_filter(costs, 1e-6, budget)
+        plans = [(k, r) for k in range(13) for r in (0, 1)
+                 if 1e-6 * (costs.forward_macs + costs.backward[:, 0].sum() - sum(
+                     costs.backward[12 - k:, 0] - costs.backward[12 - k:, 1 + r])) <= budget]
+        assert choice.modelled_ms <= budget
+        assert choice.layers + (choice.patch == 4) / 2 == min(k + r / 2 for k, r in plans)
+
+
+def test_compile_cli_filter_auto(tmp_path):
+    path = tmp_path / "m.onnx"
+    export(TINY, path)
+    latency = {"batch": 1, "rows": []}
+    configs = space.sample(space.SMALL, 8, seed=0)
+    x = features(*[np.array([getattr(c, k) for c in configs]) for k in
+                   ("widths", "depths", "skips")])
+    for config, ms in zip(configs, x @ np.array([3e-6, 0, 0, 0.01, 0.1])):
+        latency["rows"].append({"widths": config.widths, "depths": config.depths,
+                                "skips": config.skips, "step_ms": ms})
+    (tmp_path / "latency.json").write_text(json.dumps(latency))
+    costs = layer_costs(path, "all", 2)
+    exact = modelled_ms(costs, 1e-6)
+    budget = exact - 1e-6 * (costs.backward[-1, 0] - costs.backward[-1, 1]) / 2
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "compile.py"), str(path),
+                          "--batch", "2", "--filter", "auto", "--budget-ms", str(budget),
+                          "--latency", str(tmp_path / "latency.json"), "-o",
+                          str(tmp_path / "art")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "filter auto: last 1 trained convs at R2" in out.stdout
+    plan = gftvm.runtime.load(tmp_path / "art").manifest["gradient_filter"]["plan"]
+    assert [layer["node"] for layer in plan] == costs.nodes[-1:]

@@ -98,16 +98,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gftvm.flash.predictor import train_and_evaluate
 
     train, test = load_split(args)
-    rows = []
-    payload = {"data": args.cifar or "digits", "image_size": args.image_size,
-               "epochs": args.epochs, "train_images": len(train[0]),
-               "test_images": len(test[0]), "host": machine(), "rows": rows}
-    for i, config in enumerate(space.sample(space.FULL, args.count, args.seed)):
+    if args.append:
+        payload = load_rows(args.output, "train")
+        rows = payload["rows"]
+    else:
+        rows = []
+        payload = {"data": args.cifar or "digits", "image_size": args.image_size,
+                   "epochs": args.epochs, "train_images": len(train[0]),
+                   "test_images": len(test[0]), "host": machine(), "rows": rows}
+    ranges = space.SMALL if args.space == "small" else space.FULL
+    for i, config in enumerate(space.sample(ranges, args.count, args.seed)):
         start = time.perf_counter()
         accuracy = train_and_evaluate(config, train, test, args.epochs, seed=args.seed)
         degree = float(nn_degree(config.widths, config.depths, config.skips))
         rows.append({"widths": config.widths, "depths": config.depths, "skips": config.skips,
-                     "nn_degree": degree, "accuracy": accuracy,
+                     "space": args.space, "nn_degree": degree, "accuracy": accuracy,
                      "train_s": time.perf_counter() - start})
         write_json(args.output, payload)
         print(f"[{i + 1}/{args.count}] {config}: NN-Degree {degree:.1f}, accuracy "
@@ -198,7 +203,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report: dict = {}
     accuracy = load_rows(args.accuracy, "train")["rows"]
-    fit, held = accuracy[:25], accuracy[25:]
+    order = np.random.default_rng(0).permutation(len(accuracy))
+    fit, held = [accuracy[i] for i in order[:25]], [accuracy[i] for i in order[25:]]
     g = lambda rs: np.array([r["nn_degree"] for r in rs])
     a = lambda rs: np.array([r["accuracy"] for r in rs])
     report["predictor"] = {f"order {k}": AccuracyPredictor.fit(g(fit), a(fit), k).score(
@@ -292,6 +298,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="compile the chosen network and time it on the host")
     parser.add_argument("--docs", default=os.path.join(HERE, os.pardir, "docs"),
                         help="where report writes its plots")
+    parser.add_argument("--space", choices=["full", "small"], default="full",
+                        help="train: sample the full space or its small networks")
+    parser.add_argument("--append", action="store_true", help="train: add to --output")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs per network")
     parser.add_argument("--image-size", type=int, default=32,
                         help="digits resolution for training (the hardware uses 32)")

@@ -5,28 +5,29 @@ model here is a smooth function of their relaxed, real values: NN-Degree ``Σ w 
 the accuracy polynomial in it, the closed-form cost features and hence the fitted latency, and
 the modelled memory. The search has two levels, each solved by ``scipy.optimize.shgo``:
 
-1. **Outer level, macro-structure (w, d)**, 2·N_c relaxed variables, constrained so that the
+1. **Outer level, macro-structure (w, d)**: 2·N_c relaxed variables, constrained so that the
    macro-structure fits the budgets without skips. Its objective is the best predicted accuracy
-   that relaxed skip budgets can reach for that macro-structure: latency and memory are linear
-   in t, so the largest reachable degree is a small linear program (N_c variables,
-   solved exactly by enumerating its vertices), every degree between that and the skip-free one
-   is reachable too, and the accuracy
-   polynomial's maximum on that interval is exact. The integer macro-structures bracketing the
-   outer local optima are the candidates.
+   that relaxed skip budgets reach for that macro-structure. Latency and memory are linear in
+   t, so the largest reachable degree is a linear program in N_c variables (solved exactly by
+   enumerating its vertices); every degree between that and the skip-free one is reachable
+   too, and the accuracy polynomial's maximum on that interval is exact. The integer
+   macro-structures bracketing the outer local optima are the candidates.
 2. **Inner level, skip budgets t** for one integer macro-structure: SHGO over the relaxed t
    (t_c <= w_c) under the budgets, then the best feasible rounding among the allowed values
    bracketing it.
 
 Candidates are visited best first by their relaxed value (an upper bound on what integer skip
-budgets reach), and the inner level stops once no remaining candidate can beat the best found.
-Macro first, because it
-sets the bulk of the cost (∝ w²d per cell) and the main term of the degree (w), while skips
-refine the degree at a cost linear in t: for a fixed macro-structure the inner problem is small
-and nearly linear. (SHGO's triangulation also grows steeply with dimension: 2·N_c and N_c
-variables run in milliseconds where all 3·N_c at once take seconds.)
+budgets reach); the inner level stops once no remaining candidate can beat the best found.
+
+Macro first: it sets the bulk of the cost (∝ w²d per cell) and the main term of the degree (w),
+while skips refine the degree at a cost linear in t, so for a fixed macro-structure the inner
+problem is small and nearly linear. SHGO's triangulation also grows steeply with dimension:
+2·N_c and N_c variables take milliseconds where all 3·N_c at once take seconds.
 
 :func:`exhaustive` enumerates a (reduced) space for comparison; :func:`random_search` samples.
 """
+
+from __future__ import annotations
 
 import itertools
 import time
