@@ -187,7 +187,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-BUDGETS = [(10, 256), (20, 512), (50, 1024), (100, 2048)]   # (ms, KB) for the comparison
+def zoo_degrees() -> dict:
+    """NN-Degree of the zoo networks, one cell per stage (output resolution)."""
+    import onnx
+
+    from gftvm import models
+    from gftvm.flash.degree import channel_graph_degree, resolution_cell
+
+    degrees = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("resnet18", "mobilenetv2-0.35", "mcunet"):
+            models.export_zoo_model(name, os.path.join(tmp, "m.onnx"))
+            stages = channel_graph_degree(onnx.load(os.path.join(tmp, "m.onnx")),
+                                          resolution_cell)
+            degrees[name] = {"per_stage": {str(k): v for k, v in stages.items()},
+                             "nn_degree": sum(stages.values())}
+    return degrees
+
+
+BUDGETS = [(5, 512), (10, 256), (20, 512), (50, 1024), (100, 2048)]   # (ms, KB) compared
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -250,7 +268,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             problem = Problem(ranges, predictor, model, ms, kb * 1024, latency["batch"])
             runs = {"shgo": hierarchical_shgo(problem),
                     "random 1e3": random_search(problem, 1000),
-                    "random 1e5": random_search(problem, 100_000)}
+                    "random 1e5": random_search(problem, 100_000),
+                    "random 1e6": random_search(problem, 1_000_000)}
             if ranges is space.REDUCED:
                 runs["exhaustive"] = exhaustive(problem)
             report["search"].append({"space": name, "latency_ms": ms, "memory_kb": kb, **{
@@ -258,7 +277,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                     "evaluations": r.evaluations} for k, r in runs.items()}})
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k, marker in (("shgo", "o"), ("exhaustive", "s"), ("random 1e3", "^"),
-                      ("random 1e5", "v")):
+                      ("random 1e5", "v"), ("random 1e6", "D")):
         points = [(r[k]["seconds"], r[k]["accuracy"]) for r in report["search"] if k in r
                   and np.isfinite(r[k]["accuracy"])]
         ax.scatter(*zip(*points), marker=marker, label=k)
@@ -266,6 +285,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.docs, "flash_search.png"), dpi=120)
+    report["zoo"] = zoo_degrees()
     report["host"] = machine()
     write_json(os.path.join(RESULTS, "report.json"), report)
     print(json.dumps(report, indent=1))

@@ -112,11 +112,14 @@ class LatencyModel:
 
     @classmethod
     def fit(cls, feature_rows: np.ndarray, latency_ms: np.ndarray) -> "LatencyModel":
-        """NNLS on features scaled to unit columns (they span ~10 orders of magnitude)."""
+        """NNLS on relative errors (each row divided by its latency: small and large networks
+        count alike, as in the MAPE), features scaled to unit columns (they span ~10 orders
+        of magnitude)."""
         a = np.asarray(feature_rows, float)
+        y = np.asarray(latency_ms, float)
         scale = np.abs(a).max(axis=0)
         scale[scale == 0] = 1.0
-        solution, _ = nnls(a / scale, np.asarray(latency_ms, float))
+        solution, _ = nnls(a / scale / y[:, None], np.ones_like(y))
         return cls(solution / scale)
 
     def predict(self, feature_rows: np.ndarray) -> np.ndarray:

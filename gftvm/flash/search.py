@@ -120,11 +120,12 @@ def hierarchical_shgo(problem: Problem, sampling: int = 16, candidates: int = 8,
     no_skips = lambda z: np.concatenate([z, np.zeros(n)])
     outer = shgo(lambda z: -_relaxed_skips(problem, z), [(v[0], v[-1]) for v in values[:2 * n]],
                  constraints=problem.constraints(no_skips)[:1], sampling_method="simplicial",
-                 minimizer_kwargs={**LOCAL, "options": {"maxiter": 20, "ftol": 1e-9}},
+                 iters=3, minimizer_kwargs={**LOCAL, "options": {"maxiter": 20, "ftol": 1e-9}},
                  options={"local_iter": 2})
     evaluations = outer.nfev
-    # Without a feasible local optimum, SHGO still reports its best sampling point.
-    relaxed = np.reshape(outer.get("xl", outer.x), (-1, 2 * n))
+    # Without a feasible local optimum SHGO may still report its best sampling point, or none.
+    found = [p for p in (outer.get("xl"), outer.x) if p is not None]
+    relaxed = np.reshape(found[0], (-1, 2 * n)) if found else np.empty((0, 2 * n))
     macros = {m for z in relaxed for m in itertools.product(
         *(_bracket(values[j], z[j]) for j in range(2 * n)))}
     bounds = {m: _relaxed_skips(problem, np.array(m)) for m in macros}
