@@ -57,7 +57,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
         remote = rpc_measure.connect(args)
     rows = []
     payload = {"target": args.target, "batch": args.batch, "repeat": args.repeat,
-               "host": machine(), "board": args.rpc or args.rpc_key if remote else None,
+               "host": machine(), "board": None if remote is None else (
+                   args.rpc or f"tracker {args.rpc_tracker}, key {args.rpc_key}"),
                "rows": rows}
     # alternately from the full space and from its small networks, where budgets bite
     half = (args.count + 1) // 2
