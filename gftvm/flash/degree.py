@@ -47,8 +47,10 @@ def channel_graph_degree(proto: onnx.ModelProto,
     the sets channel by channel (an identity skip adds an edge from the skipped channel to each
     channel that reads the sum), and channel-preserving ops pass them on."""
     shapes = _shapes(proto)
+    image = proto.graph.input[0].name
+    # the image's channels are nodes -1, -2, ...; layer channels are numbered from 0
     channels: dict[str, list[frozenset[int]]] = {
-        proto.graph.input[0].name: [frozenset({-c - 1}) for c in range(shapes[proto.graph.input[0].name][1])]}
+        image: [frozenset({-c - 1}) for c in range(shapes[image][1])]}
     edges: dict[object, set[tuple[int, int]]] = defaultdict(set)
     nodes: dict[object, int] = defaultdict(int)
     count = 0

@@ -22,8 +22,8 @@ import numpy as np
 from scipy.optimize import shgo
 
 from .. import trainable as trainable_policy
-from ..errors import ConfigError
 from ..analysis import conv_calls
+from ..errors import ConfigError
 from ..filter import GradientFilter, _macs, resolve_plan
 from ..frontend import onnx as onnx_frontend
 from .hardware import FEATURES, LatencyModel, features
@@ -86,7 +86,7 @@ def choose_filter(costs: LayerCosts, ms_per_mac: float, budget_ms: float
     fits. Raises :class:`ConfigError` when even filtering every layer at R4 does not."""
     n = len(costs.nodes)
     exact = float(costs.backward[:, 0].sum())
-    ms = lambda k, r: _step_ms(costs, exact, ms_per_mac, k, int(round(r)))
+    ms = lambda k, r: _step_ms(costs, exact, ms_per_mac, k, r)
     if ms(0, 0) <= budget_ms:
         return None
     strongest = ms(n, len(PATCHES) - 1)

@@ -19,7 +19,6 @@ per-operation energies of a 45 nm process (Horowitz, ISSCC 2014): 4.6 pJ per fp3
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,7 +110,7 @@ class LatencyModel:
     coefficients: np.ndarray
 
     @classmethod
-    def fit(cls, feature_rows: np.ndarray, latency_ms: np.ndarray) -> "LatencyModel":
+    def fit(cls, feature_rows: np.ndarray, latency_ms: np.ndarray) -> LatencyModel:
         """NNLS on relative errors (each row divided by its latency: small and large networks
         count alike, as in the MAPE), features scaled to unit columns (they span ~10 orders
         of magnitude)."""
@@ -133,8 +132,3 @@ def mape(predicted: np.ndarray, measured: np.ndarray) -> float:
     """Mean absolute percentage error."""
     measured = np.asarray(measured, float)
     return float(np.mean(np.abs(np.asarray(predicted) - measured) / measured) * 100)
-
-
-def save_json(path: str, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)

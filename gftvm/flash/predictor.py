@@ -57,7 +57,7 @@ class AccuracyPredictor:
 
     @classmethod
     def fit(cls, degrees: np.ndarray, accuracies: np.ndarray, order: int = 2
-            ) -> "AccuracyPredictor":
+            ) -> AccuracyPredictor:
         degrees = np.asarray(degrees, float)
         scale = float(degrees.max())
         return cls(np.polyfit(degrees / scale, np.asarray(accuracies, float), order), scale)

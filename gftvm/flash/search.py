@@ -41,7 +41,6 @@ from .hardware import LatencyModel, cell_memory_bytes, features, memory_bytes
 from .predictor import AccuracyPredictor
 from .space import Config, Ranges
 
-
 #: SHGO's local minimiser. Accuracy moves by ~1e-4 per skip channel: SLSQP's default ftol
 #: (1e-6) would stop it early.
 LOCAL = {"method": "SLSQP", "options": {"maxiter": 100, "ftol": 1e-12}}
@@ -104,12 +103,6 @@ def _bracket(values: np.ndarray, x: float) -> list[float]:
     return sorted({float(values[min(i, len(values) - 1)]), float(values[max(i - 1, 0)])})
 
 
-def _shgo(objective, bounds, constraints, sampling: int):
-    return shgo(objective, bounds, constraints=constraints, n=sampling, iters=1,
-                sampling_method="sobol",
-                minimizer_kwargs=LOCAL)
-
-
 def hierarchical_shgo(problem: Problem, sampling: int = 16, candidates: int = 8,
                       tolerance: float = 1e-4) -> Result:
     """The two-level search described in the module docstring: at most ``candidates`` inner
@@ -154,9 +147,9 @@ def _relaxed_skips(problem: Problem, macro: np.ndarray) -> float:
                                                problem.batch, problem.image_size))
     memory = cell_memory_bytes(x[:, :n], x[:, n:2 * n], x[:, 2 * n:], problem.batch,
                                problem.image_size)
-    gain = (d - 1) / d
     if latency[0] > problem.latency_ms or memory[0].max() > problem.memory_bytes:
         return -np.inf
+    gain = (d - 1) / d                                               # degree per skip channel
     rows = np.vstack([latency[1:] - latency[0], (memory[1:] - memory[0]).T, -np.eye(n),
                       np.eye(n)])
     limits = np.concatenate([[problem.latency_ms - latency[0]],
@@ -194,8 +187,9 @@ def _inner(problem: Problem, macro: np.ndarray, sampling: int) -> tuple[np.ndarr
     evaluations, choices = 0, [[0.0] for _ in range(n)]
     if free:
         bounds = [(skips[0], min(skips[-1], macro[c])) for c in free]
-        inner = _shgo(lambda z: -problem.evaluate(complete(z))[0], bounds,
-                      problem.constraints(complete), sampling)
+        inner = shgo(lambda z: -problem.evaluate(complete(z))[0], bounds,
+                     constraints=problem.constraints(complete), n=sampling, iters=1,
+                     sampling_method="sobol", minimizer_kwargs=LOCAL)
         evaluations = inner.nfev
         start = inner.x if inner.success else np.zeros(len(free))
         for c, t in zip(free, start):

@@ -27,7 +27,7 @@ class Ranges:
 
     widths: tuple[int, ...] = tuple(range(8, 65))
     depths: tuple[int, ...] = tuple(range(1, 9))
-    skips: tuple[int, ...] = tuple(range(0, 33))
+    skips: tuple[int, ...] = tuple(range(33))
     cells: int = 3
 
     def size(self) -> int:
@@ -47,7 +47,7 @@ class Ranges:
 #: small networks, which latency measurements sample as often as the full space.
 FULL = Ranges()
 REDUCED = Ranges(widths=(8, 16, 24, 32), depths=(1, 2, 3, 4), skips=(0, 4, 8, 16))
-SMALL = Ranges(widths=tuple(range(8, 33)), depths=(1, 2, 3, 4), skips=tuple(range(0, 17)))
+SMALL = Ranges(widths=tuple(range(8, 33)), depths=(1, 2, 3, 4), skips=tuple(range(17)))
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class Config:
                                   f"0 <= skips <= width, got w={w}, d={d}, t={t}")
 
     @classmethod
-    def from_vector(cls, x: np.ndarray) -> "Config":
+    def from_vector(cls, x: np.ndarray) -> Config:
         """From the flat vector (w_1..w_N, d_1..d_N, t_1..t_N) of integer values."""
         w, d, t = np.asarray(np.rint(x), int).reshape(3, -1)
         return cls(tuple(map(int, w)), tuple(map(int, d)), tuple(map(int, t)))
