@@ -249,3 +249,11 @@ def test_measure_cli_over_rpc_loopback(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "latency.json").read_text())
     assert result["board"] == f"127.0.0.1:{port}" and result["rows"][0]["step_ms"] > 0
+
+
+def test_cli_search_reports_budgets_nothing_fits(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(TOOLS)
+    import search as search_cli  # tools/search.py
+
+    assert search_cli.main(["--latency-ms", "0.01", "--memory-kb", "1"]) == 1
+    assert "no network of the space fits 0.01 ms and 1.0 KB" in capsys.readouterr().out
