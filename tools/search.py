@@ -216,7 +216,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gftvm.flash.hardware import LatencyModel, features, mape
+    from gftvm.flash.hardware import LatencyModel, cell_memory_bytes, features, mape
+    from gftvm.flash.measure import planned_activation_bytes
     from gftvm.flash.predictor import AccuracyPredictor
     from gftvm.flash.search import Problem, exhaustive, hierarchical_shgo, random_search
 
@@ -260,6 +261,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.docs, "flash_latency.png"), dpi=120)
+
+    configs = [space.Config(tuple(r["widths"]), tuple(r["depths"]), tuple(r["skips"]))
+               for r in rows]
+    planned = np.array([planned_activation_bytes(c) for c in configs], float)
+    modelled = np.array([(cell_memory_bytes(*map(np.array, (c.widths, c.depths, c.skips)))
+                          - features(c.widths, c.depths, c.skips)[1]).max() for c in configs])
+    report["memory"] = {"networks": len(rows), "mape_vs_relax_plan": mape(modelled, planned),
+                        "ratio_min": float((modelled / planned).min()),
+                        "ratio_max": float((modelled / planned).max())}
 
     model = LatencyModel.fit(x, [r["predict_ms"] for r in rows])
     predictor = AccuracyPredictor.fit(g(accuracy), a(accuracy), 2)

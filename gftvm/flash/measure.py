@@ -34,6 +34,23 @@ def compile_config(config: Config, directory: str, target: str = "host", batch: 
     return artifact
 
 
+def planned_activation_bytes(config: Config, batch: int = 1, image_size: int = 32) -> int:
+    """Bytes that Relax's static memory planner reserves for the forward of ``config`` as
+    gftvm imports it (parameters excluded): the compiler's answer to the memory model."""
+    import tempfile
+
+    import onnx
+
+    from ..analysis import planned_storage_bytes
+    from ..frontend import onnx as onnx_frontend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        models.export_onnx(build(config), path, (1, 3, image_size, image_size))
+        forward = onnx_frontend.import_model(onnx.load(path), batch, path)
+    return planned_storage_bytes(forward, "main")
+
+
 def _median_ms(run: Callable[[], object], repeat: int) -> float:
     run()  # warm-up
     times = []
