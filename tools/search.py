@@ -216,7 +216,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gftvm.flash.hardware import LatencyModel, cell_memory_bytes, features, mape
+    from gftvm.flash.hardware import LatencyModel, cell_working_bytes, features, mape
     from gftvm.flash.measure import planned_activation_bytes
     from gftvm.flash.predictor import AccuracyPredictor
     from gftvm.flash.search import Problem, exhaustive, hierarchical_shgo, random_search
@@ -265,8 +265,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     configs = [space.Config(tuple(r["widths"]), tuple(r["depths"]), tuple(r["skips"]))
                for r in rows]
     planned = np.array([planned_activation_bytes(c) for c in configs], float)
-    modelled = np.array([(cell_memory_bytes(*map(np.array, (c.widths, c.depths, c.skips)))
-                          - features(c.widths, c.depths, c.skips)[1]).max() for c in configs])
+    modelled = np.array([cell_working_bytes(c.widths, c.depths, c.skips).max()
+                         for c in configs])
     report["memory"] = {"networks": len(rows), "mape_vs_relax_plan": mape(modelled, planned),
                         "ratio_min": float((modelled / planned).min()),
                         "ratio_max": float((modelled / planned).max())}

@@ -81,20 +81,22 @@ def layer_features(model: nn.Module, input_shape: tuple[int, ...]) -> np.ndarray
     return np.asarray(rows, float)
 
 
-def cell_memory_bytes(widths: np.ndarray, depths: np.ndarray, skips: np.ndarray,
-                      batch: int = 1, image_size: int = 32) -> np.ndarray:
-    """Modelled memory while each cell runs (last axis: cells): all parameters + the cell's
-    working set (its entry and layer outputs, kept for later skips, + the gathered skips)."""
+def cell_working_bytes(widths: np.ndarray, depths: np.ndarray, skips: np.ndarray,
+                       batch: int = 1, image_size: int = 32) -> np.ndarray:
+    """Activation bytes live while each cell runs (last axis: cells): its entry and layer
+    outputs, kept for later skips, plus the gathered skip channels."""
     w, d, t = (np.asarray(v, float) for v in (widths, depths, skips))
     area = np.asarray(resolutions(w.shape[-1], image_size), float) ** 2
-    working = FLOAT_BYTES * batch * area * (w * (d + 1) + t)
-    return features(w, d, t, batch, image_size)[..., 1:2] + working
+    return FLOAT_BYTES * batch * area * (w * (d + 1) + t)
 
 
 def memory_bytes(widths: np.ndarray, depths: np.ndarray, skips: np.ndarray, batch: int = 1,
-                 image_size: int = 32) -> np.ndarray:
-    """Modelled peak memory of inference: the largest of :func:`cell_memory_bytes`."""
-    return cell_memory_bytes(widths, depths, skips, batch, image_size).max(-1)
+                 image_size: int = 32, param_bytes: np.ndarray | None = None) -> np.ndarray:
+    """Modelled peak memory of inference: all parameters + the largest cell working set
+    (``param_bytes``: the features' parameter bytes, when already computed)."""
+    if param_bytes is None:
+        param_bytes = features(widths, depths, skips, batch, image_size)[..., 1]
+    return param_bytes + cell_working_bytes(widths, depths, skips, batch, image_size).max(-1)
 
 
 def energy_mj(feature_rows: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ import numpy as np
 from scipy.optimize import shgo
 
 from .degree import nn_degree
-from .hardware import LatencyModel, cell_memory_bytes, features, memory_bytes
+from .hardware import LatencyModel, cell_working_bytes, features, memory_bytes
 from .predictor import AccuracyPredictor
 from .space import Config, Ranges
 
@@ -66,8 +66,9 @@ class Problem:
         n = self.ranges.cells
         w, d, t = x[..., :n], x[..., n:2 * n], x[..., 2 * n:]
         accuracy = self.predictor.predict(nn_degree(w, d, t))
-        latency = self.latency.predict(features(w, d, t, self.batch, self.image_size))
-        return accuracy, latency, memory_bytes(w, d, t, self.batch, self.image_size)
+        costs = features(w, d, t, self.batch, self.image_size)
+        memory = memory_bytes(w, d, t, self.batch, self.image_size, costs[..., 1])
+        return accuracy, self.latency.predict(costs), memory
 
     def value(self, x: np.ndarray) -> np.ndarray:
         """Predicted accuracy where the budgets hold (and t <= w), -inf elsewhere."""
@@ -143,10 +144,11 @@ def _relaxed_skips(problem: Problem, macro: np.ndarray) -> float:
     skip_max = np.minimum(w, problem.ranges.skips[-1])
     basis = np.concatenate([np.zeros((1, n)), np.eye(n)])          # t = 0, then unit steps
     x = np.concatenate([np.broadcast_to(macro, (n + 1, 2 * n)), basis], axis=1)
-    latency = problem.latency.predict(features(x[:, :n], x[:, n:2 * n], x[:, 2 * n:],
-                                               problem.batch, problem.image_size))
-    memory = cell_memory_bytes(x[:, :n], x[:, n:2 * n], x[:, 2 * n:], problem.batch,
-                               problem.image_size)
+    costs = features(x[:, :n], x[:, n:2 * n], x[:, 2 * n:], problem.batch, problem.image_size)
+    latency = problem.latency.predict(costs)
+    # memory while each cell runs (the budget applies to the largest: one row per cell)
+    memory = costs[:, 1:2] + cell_working_bytes(x[:, :n], x[:, n:2 * n], x[:, 2 * n:],
+                                                problem.batch, problem.image_size)
     if latency[0] > problem.latency_ms or memory[0].max() > problem.memory_bytes:
         return -np.inf
     gain = (d - 1) / d                                               # degree per skip channel
