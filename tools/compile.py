@@ -3,6 +3,11 @@
 
     python tools/compile.py [MODEL.onnx] --target host --train last:4 --batch 8 \
         --optimizer sgd --lr 0.05 [--filter-patch 2 --filter-layers last:4] -o OUT_DIR
+    python tools/compile.py MODEL.onnx --train last:8 --filter auto --budget-ms 40 -o OUT_DIR
+
+``--filter auto`` chooses the gradient-filter plan (last K trained convs, R2 or R4) whose
+modelled train step fits ``--budget-ms`` (gftvm/flash/filter_search.py; the ms-per-MAC
+coefficient is fitted to docs/flash/TARGET_latency.json).
 
 Without MODEL.onnx it exports and compiles the bundled default model (gftvm.models).
 """
@@ -33,10 +38,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gradient filtering with patch size R (default: exact backprop)")
     parser.add_argument("--filter-layers", default="last:4", metavar="LAYERS",
                         help="'last:K' or comma-separated ONNX Conv node names (default last:4)")
+    parser.add_argument("--filter", choices=["auto"],
+                        help="auto: choose the filter plan under --budget-ms (FLASH's SHGO)")
+    parser.add_argument("--budget-ms", type=float, help="modelled train-step budget for "
+                        "--filter auto")
+    parser.add_argument("--latency", help="latency measurements for --filter auto (default "
+                        "docs/flash/TARGET_latency.json)")
     parser.add_argument("--image-size", type=int, default=32,
                         help="input size of the bundled model (default: 32)")
     parser.add_argument("-o", "--output", default="out/artifact", help="artifact directory")
     return parser.parse_args(argv)
+
+
+def auto_filter(model: str, trainable, args: argparse.Namespace, log
+                ) -> gftvm.GradientFilter | None:
+    """The plan of --filter auto (None: the exact step fits the budget)."""
+    import json
+
+    from gftvm.flash import filter_search
+
+    if args.budget_ms is None or args.filter_patch is not None:
+        raise gftvm.ConfigError("--filter auto needs --budget-ms and no --filter-patch")
+    path = args.latency or os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                        "docs", "flash", f"{args.target}_latency.json")
+    try:
+        with open(path) as f:
+            ms_per_mac = filter_search.step_ms_per_mac(json.load(f))
+    except OSError as err:
+        raise gftvm.ConfigError(f"--filter auto needs train-step measurements for target "
+                                f"{args.target}: {err} (tools/search.py measure)") from err
+    costs = filter_search.layer_costs(model, trainable, args.batch)
+    choice = filter_search.choose_filter(costs, ms_per_mac, args.budget_ms)
+    exact = filter_search.modelled_ms(costs, ms_per_mac)
+    if choice is None:
+        log(f"filter auto: the exact step (modelled {exact:.1f} ms) fits {args.budget_ms} ms")
+        return None
+    log(f"filter auto: last {choice.layers} trained convs at R{choice.patch}, modelled "
+        f"{choice.modelled_ms:.1f} ms per step (exact {exact:.1f} ms, budget {args.budget_ms})")
+    return filter_search.gradient_filter(costs, choice)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             else args.filter_layers.split(",")
         grad_filter = gftvm.GradientFilter(args.filter_patch, layers)
     try:
+        if args.filter == "auto":
+            grad_filter = auto_filter(model, trainable, args, log)
         artifact = gftvm.compile(model, target=args.target, trainable=trainable,
                                  batch_size=args.batch, optimizer=args.optimizer, lr=args.lr,
                                  momentum=args.momentum, weight_decay=args.weight_decay,

@@ -35,7 +35,7 @@ from . import gradients  # noqa: F401  (registers the gradients the converters r
 DIFFERENTIABLE_OPS = frozenset({
     "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "Div", "Flatten",
     "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Pad", "ReduceMean",
-    "Relu", "Reshape", "Resize", "Sigmoid", "Sub", "Transpose",
+    "Relu", "Reshape", "Resize", "Sigmoid", "Split", "Sub", "Transpose",
 })
 
 _NEAREST_AS_REPEAT = {(b"asymmetric", b"floor"), (b"half_pixel", b"round_prefer_floor"),
