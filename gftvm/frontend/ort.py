@@ -30,6 +30,8 @@ from tvm import relax
 
 from ..errors import CheckpointError, ConfigError, ModelError
 from ..passes.gradient_filter import GradientFilter
+from ..runtime import read_manifest
+from ..state import TrainState, read_state, write_state
 from ..train_graph import TrainModule, add_train_step, keep_entries
 from . import ort_ops
 from .ort_optimizer import OrtOptimizer, read_optimizer
@@ -121,6 +123,103 @@ def write_checkpoint(params: dict[str, np.ndarray], template: str | os.PathLike,
     for name, value in params.items():
         state.parameters[name] = np.ascontiguousarray(value)
     CheckpointState.save_checkpoint(state, os.fspath(path))
+
+
+def to_ort_checkpoint(checkpoint: str | os.PathLike, template: str | os.PathLike,
+                      path: str | os.PathLike) -> None:
+    """A gftvm checkpoint or state file (.npz) -> an ORT checkpoint at ``path`` (parameters;
+    ``template`` is the artifact's ORT checkpoint)."""
+    try:
+        params = read_state(checkpoint).params
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    write_checkpoint(params, template, path)
+
+
+def from_ort_checkpoint(checkpoint: str | os.PathLike, artifact: str | os.PathLike,
+                        path: str | os.PathLike) -> None:
+    """An ORT checkpoint -> a gftvm checkpoint (.npz) for the compiled ``artifact``, which
+    ``Session.load_checkpoint`` accepts: its parameters, and a fresh optimizer state (ORT's
+    optimizer state is not carried over)."""
+    manifest = read_manifest(os.fspath(artifact))
+    initial = read_state(os.path.join(artifact, manifest["files"]["state"]["path"]))
+    params = read_checkpoint(checkpoint)
+    expected = {p["name"] for p in manifest["params"]}
+    if set(params) != expected:
+        raise CheckpointError(f"ORT checkpoint {checkpoint} does not hold the parameters of "
+                              f"{artifact}: {sorted(set(params) ^ expected)[:5]}")
+    meta = {"library_sha256": manifest["files"]["library"]["sha256"], "steps": 0}
+    write_state(path, TrainState(params, initial.optim, meta))
+
+
+def generate_artifacts(model, directory: str | os.PathLike,
+                       input_shape: tuple[int, int, int, int], optimizer: str = "sgd",
+                       frozen: list[str] | tuple[str, ...] = (), **adamw: float) -> None:
+    """Export a PyTorch image classifier and make onnxruntime-training artifacts in
+    ``directory`` that ORT 1.19.2 loads (CrossEntropyLoss; ``optimizer`` "sgd" or "adamw" with
+    onnxblock's AdamW arguments ``adamw``: betas, eps, weight_decay, bias_correction).
+
+    The export is in training mode (``do_constant_folding=False``, TorchScript exporter), so
+    BatchNorm trains on batch statistics. Its running statistics are frozen: not trained, and
+    BN momentum set to 1 (ORT would otherwise update them in place every step, which gftvm does
+    not do). ``frozen`` names more parameters to freeze."""
+    import tempfile
+
+    import onnxruntime
+    import torch
+    from onnxruntime.training import artifacts, onnxblock
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    model.train()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(model, (torch.zeros(input_shape),), path, dynamo=False,
+                          input_names=["input"], output_names=["logits"], opset_version=17,
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+        proto = onnx.load(path)
+    for node in proto.graph.node:
+        if node.op_type == "BatchNormalization":
+            _set_attribute(node, "momentum", 1.0)
+    names = [init.name for init in proto.graph.initializer
+             if init.data_type == onnx.TensorProto.FLOAT]
+    statistics = [n for n in names if n.endswith(("running_mean", "running_var"))]
+    unknown = sorted(set(frozen) - set(names))
+    if unknown:
+        raise ConfigError(f"frozen={unknown}: not float parameters of the exported model")
+    frozen = [n for n in names if n in set(frozen) | set(statistics)]
+    optimizers = {"sgd": lambda: artifacts.OptimType.SGD,
+                  "adamw": lambda: onnxblock.optim.AdamW(**adamw)}
+    if optimizer not in optimizers or (adamw and optimizer != "adamw"):
+        raise ConfigError(f"optimizer={optimizer!r} with {adamw}: expected 'sgd', or 'adamw' "
+                          f"with onnxblock.optim.AdamW arguments")
+    onnxruntime.set_default_logger_severity(3)
+    artifacts.generate_artifacts(proto, requires_grad=[n for n in names if n not in frozen],
+                                 frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
+                                 optimizer=optimizers[optimizer](),
+                                 artifact_directory=directory)
+    fix_for_ort(directory)
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
+
+
+def fix_for_ort(directory: str | os.PathLike) -> None:
+    """Make a generated artifact loadable by ORT 1.19.2: ONNX IR version at most 10 (onnx 1.23
+    writes 14), and inference-mode BatchNormalization in eval_model.onnx with the single output
+    ONNX allows (``generate_artifacts`` keeps the training-mode outputs)."""
+    for name in (TRAINING, EVAL, OPTIMIZER):
+        path = os.path.join(directory, name)
+        proto = onnx.load(path)
+        proto.ir_version = min(proto.ir_version, ORT_IR_VERSION)
+        for node in proto.graph.node:
+            training = any(a.name == "training_mode" and a.i for a in node.attribute)
+            if node.op_type == "BatchNormalization" and not training:
+                del node.output[1:]
+        onnx.save(proto, path)
 
 
 # -- the training module -------------------------------------------------------------------------

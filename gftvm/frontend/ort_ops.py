@@ -8,11 +8,13 @@ operand (Reshape/Expand targets, ReduceSum axes, Scale factors) are folded at tr
 ``ConvGrad`` becomes the named calls of :mod:`gftvm.passes.conv_backward`
 (``conv2d_grad_input``/``conv2d_grad_weight``), the same form the forward-ONNX path produces,
 so :class:`gftvm.passes.gradient_filter.GradientFilter` applies unchanged. ``MaxPoolGrad`` reads
-the pooling's input (remembered with its mask output) through ``max_pool2d_backward``.
+the pooling's input instead of its indices (the mask output is bound to that input, and only
+MaxPoolGrad may read it) through ``max_pool2d_backward``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -65,7 +67,7 @@ class GraphTranslator:
 
     def tensor(self, name: str) -> relax.Expr:
         value = self.values[name]
-        return relax.const(value) if isinstance(value, np.ndarray) else value
+        return _as_expr(value)
 
     def constant(self, name: str, node: onnx.NodeProto) -> np.ndarray:
         value = self.values[name]
@@ -85,6 +87,10 @@ class GraphTranslator:
                 f"{self.where}: op {node.domain or 'ai.onnx'}::{node.op_type} (node "
                 f"'{node.name}') has no gftvm converter. Supported: {', '.join(supported_ops())}")
         inputs = [self.values.get(name) if name else None for name in node.input]
+        masks = set(node.input) & self.pool_inputs.keys()
+        if masks and node.op_type != "MaxPoolGrad":
+            raise UnsupportedOpError(f"{self.where}: node '{node.name}' ({node.op_type}) reads "
+                                     f"the MaxPool indices {sorted(masks)}; only MaxPoolGrad may")
         missing = [name for name, value in zip(node.input, inputs) if name and value is None]
         if missing:
             raise ModelError(f"{self.where}: node '{node.name}' reads undefined tensors {missing}")
@@ -97,7 +103,7 @@ class GraphTranslator:
 
 
 def _as_expr(value: Value) -> relax.Expr:
-    return relax.const(value) if isinstance(value, np.ndarray) else value
+    return relax.const(value, str(value.dtype)) if isinstance(value, np.ndarray) else value
 
 
 def _binary(op: Callable, fold: Callable) -> Converter:
@@ -305,11 +311,16 @@ def _batch_norm(t, node, inputs):
 
 @converter("BatchNormInternal", domain="com.microsoft")
 def _batch_norm_training(t, node, inputs):
-    """Batch statistics (biased variance). Running statistics are not updated: ORT's
-    training API does not write them back either (they stay frozen)."""
+    """Batch statistics (biased variance). Running statistics stay frozen: with BN momentum
+    below 1 ORT would update them in place every step (they only matter to ``predict``), and
+    gftvm warns that it does not."""
     attrs = _attrs(node)
     if not attrs.get("training_mode", 1):
         return _batch_norm(t, node, inputs)
+    if attrs.get("momentum", 0.9) != 1.0:
+        warnings.warn(f"{t.where}: node '{node.name}' has BN momentum {attrs.get('momentum', 0.9)}"
+                      f": ORT updates its running statistics every step, gftvm keeps them frozen "
+                      f"(momentum 1; gftvm.frontend.ort.generate_artifacts exports so)")
     x, scale, bias = inputs[0], _as_expr(inputs[1]), _as_expr(inputs[2])
     mean = t.emit(relax.op.mean(x, [0, 2, 3]), node.name + "_mean")
     centred = t.emit(relax.op.subtract(x, _channel(mean)), node.name + "_centred")
@@ -354,7 +365,7 @@ def _max_pool(t, node, inputs):
     attrs = _pool_attrs(node)
     if len(node.output) > 1 and node.output[1]:
         t.pool_inputs[node.output[1]] = (inputs[0], attrs)
-    return [relax.op.nn.max_pool2d(inputs[0], **attrs)]
+    return [relax.op.nn.max_pool2d(inputs[0], **attrs), inputs[0]]   # (the mask: see above)
 
 
 @converter("MaxPoolGrad")

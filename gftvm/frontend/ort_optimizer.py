@@ -78,7 +78,7 @@ class OrtOptimizer:
     def _adamw(self, bb, params, grads, state) -> tuple[list, list]:
         beta1, beta2 = self.attrs["alpha"], self.attrs["beta"]
         f32 = lambda v: relax.const(v, "float32")
-        step = bb.emit(relax.op.add(state[0], relax.const(np.ones(1, "int64"))))
+        step = bb.emit(relax.op.add(state[0], relax.const(np.ones(1, "int64"), "int64")))
         count = len(params)
         lr = f32(self.lr)
         if self.attrs["correct_bias"]:  # (as ORT: the corrections in double, then float)
