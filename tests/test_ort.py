@@ -91,12 +91,99 @@ def test_matches_ort_training(name, optimizer, tmp_path):
     assert session.manifest["optimizer"]["name"] == optimizer
 
 
-def test_predict_uses_running_statistics(tmp_path):
-    """predict (from eval_model.onnx) = the PyTorch model in eval mode."""
-    model = make_artifact(tmp_path / "ort", "mcunet", "sgd")
-    gftvm.compile(tmp_path / "ort").save(tmp_path / "art")
+@pytest.fixture(scope="module")
+def mcunet_ort(tmp_path_factory):
+    """An MCUNet SGD artifact, with the PyTorch model it was exported from."""
+    directory = tmp_path_factory.mktemp("mcunet_ort")
+    return directory, make_artifact(directory, "mcunet", "sgd")
+
+
+@pytest.fixture(scope="module")
+def mcunet_compiled(mcunet_ort, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mcunet_art")
+    gftvm.compile(mcunet_ort[0], lr=LR["mcunet", "sgd"]).save(directory)
+    return directory
+
+
+def test_predict_uses_running_statistics(mcunet_ort, mcunet_compiled):
+    """predict (from eval_model.onnx) = the PyTorch model in eval mode: the artifact keeps
+    the model's BN statistics, frozen (momentum 1)."""
+    training = onnx.load(mcunet_ort[0] / "training_model.onnx")
+    momentum = {a.f for n in training.graph.node if n.op_type == "BatchNormInternal"
+                for a in n.attribute if a.name == "momentum"}
+    assert momentum == {1.0}
     x, _ = random_batches(1, BATCH)[0]
-    logits = gftvm.runtime.load(tmp_path / "art").predict(x)
+    logits = gftvm.runtime.load(mcunet_compiled).predict(x)
     with torch.no_grad():
-        expected = model.eval()(torch.from_numpy(x)).numpy()
+        expected = copy.deepcopy(mcunet_ort[1]).eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_filter_matches_eager_reference(mcunet_ort, tmp_path):
+    """The ORT artifact compiled with the filter = PyTorch (BN on batch statistics, plain SGD)
+    with the eager gradient filter on the same layers; and it differs from exact training."""
+    directory, model = mcunet_ort
+    lr, batches = LR["mcunet", "sgd"], random_batches(3, BATCH)
+    losses, _, session = gftvm_steps(directory, lr, batches, tmp_path / "art",
+                                     filter=gftvm.GradientFilter(patch=2, layers="last:2"))
+    plan = session.manifest["gradient_filter"]["plan"]
+    assert len(plan) == 2
+    reference = filter_convs(copy.deepcopy(model), {
+        layer["weight"].removesuffix(".weight"): layer["patch"] for layer in plan})
+    reference.train()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
+    expected_losses = []
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(reference(torch.from_numpy(x)), torch.from_numpy(y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        expected_losses.append(loss.item())
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
+    expected = {name: p.detach().numpy() for name, p in reference.named_parameters()}
+    params = session.parameters()
+    for name in session.manifest["trainable"]:
+        np.testing.assert_allclose(params[name], expected[name], rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    _, exact = ort_steps(directory, lr, batches)
+    filtered = {layer["weight"] for layer in plan}
+    # (at 32x32 the last two layers see 1x1 maps: the pointwise one filters exactly)
+    assert any(not np.allclose(params[w], exact[w], rtol=1e-4, atol=1e-5) for w in filtered)
+
+
+def test_filtered_layers_save_only_the_pooled_input(tmp_path):
+    """Read from the differentiated function: filtered convs of the ORT graph no longer keep
+    their full-resolution input for the backward, only the pooled one (64x64 input, so that
+    the last layers' maps are larger than the patch)."""
+    model = well_conditioned(prepared_model("mcunet", image_size=64))
+    ort.generate_artifacts(model, tmp_path, (2, 3, 64, 64))
+    art = ort.load_artifact(tmp_path)
+    adjoint = ort.adjoint_module(art, 2)
+    trainable = ort.signature(art).trainable
+    plan = resolve_plan(art.training, gftvm.GradientFilter(2, "last:4"), trainable,
+                        tvm_module(adjoint))
+    optimizer = ort.optimizer_of(art, 0.01)
+    exact = ort.build_train_module(art, adjoint, optimizer)
+    filtered = ort.build_train_module(art, adjoint, optimizer,
+                                      {layer.weight: layer.patch for layer in plan})
+    saved_bp, saved_gf = saved_for_backward(exact.adjoint), saved_for_backward(filtered.adjoint)
+    inputs_bp = {w: call.args[0] for w, call in conv_calls(exact.adjoint).items()}
+    inputs_gf = {w: call.args[0] for w, call in conv_calls(filtered.adjoint).items()}
+    shapes_gf = [[int(d) for d in var.ty.shape] for var in saved_gf]
+    assert len(plan) == 4
+    for layer in plan:
+        assert inputs_bp[layer.weight] in saved_bp, layer.node
+        assert inputs_gf[layer.weight] not in saved_gf, layer.node
+        n, c, h, w = layer.input_shape
+        blocks = [-(-d // layer.patch) for d in layer.output_shape[2:]]
+        assert blocks[0] < h and [n, c, *blocks] in shapes_gf, layer.node
+    freed = sum(layer.saved_bytes_bp - layer.saved_bytes_gf for layer in plan)
+    assert freed > 0 and sum(saved_gf.values()) <= sum(saved_bp.values()) - freed
+    text = filtered.mod["train_step"].script()
+    assert "conv2d_grad" not in text and "gf_x_sum" in text
+
+
+def tvm_module(adjoint):
+    import tvm
+
+    return tvm.IRModule({"main": adjoint[ort.ADJOINT]})

@@ -161,9 +161,11 @@ def generate_artifacts(model, directory: str | os.PathLike,
 
     The export is in training mode (``do_constant_folding=False``, TorchScript exporter), so
     BatchNorm trains on batch statistics. Its running statistics are frozen: not trained, and
-    BN momentum set to 1 (ORT would otherwise update them in place every step, which gftvm does
-    not do). ``frozen`` names more parameters to freeze."""
+    BN momentum 1 (ORT would otherwise update them in place every step, which gftvm does not
+    do). ``frozen`` names more parameters to freeze."""
+    import copy
     import tempfile
+    import warnings
 
     import onnxruntime
     import torch
@@ -171,16 +173,19 @@ def generate_artifacts(model, directory: str | os.PathLike,
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    model.train()
+    model = copy.deepcopy(model).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0   # tracing runs the model: keep the statistics; ONNX momentum 1
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(model, (torch.zeros(input_shape),), path, dynamo=False,
-                          input_names=["input"], output_names=["logits"], opset_version=17,
-                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the exporter warns about BN's in-place updates
+            torch.onnx.export(model, (torch.zeros(input_shape),), path, dynamo=False,
+                              input_names=["input"], output_names=["logits"], opset_version=17,
+                              training=torch.onnx.TrainingMode.TRAINING,
+                              do_constant_folding=False)
         proto = onnx.load(path)
-    for node in proto.graph.node:
-        if node.op_type == "BatchNormalization":
-            _set_attribute(node, "momentum", 1.0)
     names = [init.name for init in proto.graph.initializer
              if init.data_type == onnx.TensorProto.FLOAT]
     statistics = [n for n in names if n.endswith(("running_mean", "running_var"))]
@@ -199,12 +204,6 @@ def generate_artifacts(model, directory: str | os.PathLike,
                                  optimizer=optimizers[optimizer](),
                                  artifact_directory=directory)
     fix_for_ort(directory)
-
-
-def _set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
 
 
 def fix_for_ort(directory: str | os.PathLike) -> None:
