@@ -107,33 +107,38 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
                               f"checkpoint): {err}") from err
 
 
-def write_checkpoint(params: dict[str, np.ndarray], template: str | os.PathLike,
+def write_checkpoint(params: dict[str, np.ndarray], artifact: str | os.PathLike,
                      path: str | os.PathLike) -> None:
-    """Write ``params`` as an ORT checkpoint at ``path``, in the layout of the ORT checkpoint
-    ``template`` (the artifact's). Every parameter of the template must be given."""
-    from onnxruntime.training.api import CheckpointState
+    """Write ``params`` as an ORT checkpoint at ``path``, laid out like the checkpoint of the
+    ORT ``artifact`` directory. Every parameter of that checkpoint must be given."""
+    from onnxruntime.training.api import CheckpointState, Module
 
-    state = CheckpointState.load_checkpoint(os.fspath(template))
+    directory = artifact_directory(artifact)
+    template = os.path.join(directory, CHECKPOINT)
+    state = CheckpointState.load_checkpoint(template)
     expected = {name: param.data for name, param in state.parameters}
     wrong = sorted(n for n in expected.keys() | params.keys() if n not in params or n not in
                    expected or params[n].shape != expected[n].shape
                    or params[n].dtype != expected[n].dtype)
     if wrong:
         raise CheckpointError(f"parameters do not match the ORT checkpoint {template}: {wrong[:5]}")
+    # ORT copies into a checkpoint's parameters only while a Module holds them on a device.
+    module = Module(os.path.join(directory, TRAINING), state, os.path.join(directory, EVAL))
     for name, value in params.items():
         state.parameters[name] = np.ascontiguousarray(value)
     CheckpointState.save_checkpoint(state, os.fspath(path))
+    del module
 
 
-def to_ort_checkpoint(checkpoint: str | os.PathLike, template: str | os.PathLike,
+def to_ort_checkpoint(checkpoint: str | os.PathLike, artifact: str | os.PathLike,
                       path: str | os.PathLike) -> None:
-    """A gftvm checkpoint or state file (.npz) -> an ORT checkpoint at ``path`` (parameters;
-    ``template`` is the artifact's ORT checkpoint)."""
+    """A gftvm checkpoint or state file (.npz) -> an ORT checkpoint at ``path`` for the ORT
+    ``artifact`` directory (parameters only)."""
     try:
         params = read_state(checkpoint).params
     except ValueError as err:
         raise CheckpointError(str(err)) from err
-    write_checkpoint(params, template, path)
+    write_checkpoint(params, artifact, path)
 
 
 def from_ort_checkpoint(checkpoint: str | os.PathLike, artifact: str | os.PathLike,
