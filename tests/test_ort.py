@@ -3,12 +3,16 @@
 checkpoints both ways, and errors."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
+import tvm
 from onnxruntime.training import api as ort_api
 from torch import nn
 
@@ -20,6 +24,7 @@ from gftvm.reference import filter_convs
 from reference import BATCH, prepared_model, random_batches
 
 onnxruntime.set_default_logger_severity(3)
+TOOLS = Path(__file__).parents[1] / "tools"
 SHAPE = (BATCH, 3, 32, 32)
 ADAMW = dict(betas=(0.9, 0.999), eps=1e-2, weight_decay=0.01)  # eps: see reference.OPTIMIZERS
 LR = {("mcunet", "sgd"): 1e-3, ("mcunet", "adamw"): 1e-3, ("mobilenetv2-0.35", "sgd"): 0.01,
@@ -100,8 +105,13 @@ def mcunet_ort(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mcunet_compiled(mcunet_ort, tmp_path_factory):
+    """Compiled with the CLI, as a user does."""
     directory = tmp_path_factory.mktemp("mcunet_art")
-    gftvm.compile(mcunet_ort[0], lr=LR["mcunet", "sgd"]).save(directory)
+    out = subprocess.run([sys.executable, str(TOOLS / "compile.py"), "--from-ort",
+                          str(mcunet_ort[0]), "--lr", str(LR["mcunet", "sgd"]), "-o",
+                          str(directory)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "trainable  ort: 92 tensors" in out.stdout and "'name': 'sgd'" in out.stdout
     return directory
 
 
@@ -161,7 +171,7 @@ def test_filtered_layers_save_only_the_pooled_input(tmp_path):
     adjoint = ort.adjoint_module(art, 2)
     trainable = ort.signature(art).trainable
     plan = resolve_plan(art.training, gftvm.GradientFilter(2, "last:4"), trainable,
-                        tvm_module(adjoint))
+                        tvm.IRModule({"main": adjoint[ort.ADJOINT]}))
     optimizer = ort.optimizer_of(art, 0.01)
     exact = ort.build_train_module(art, adjoint, optimizer)
     filtered = ort.build_train_module(art, adjoint, optimizer,
@@ -181,12 +191,6 @@ def test_filtered_layers_save_only_the_pooled_input(tmp_path):
     assert freed > 0 and sum(saved_gf.values()) <= sum(saved_bp.values()) - freed
     text = filtered.mod["train_step"].script()
     assert "conv2d_grad" not in text and "gf_x_sum" in text
-
-
-def tvm_module(adjoint):
-    import tvm
-
-    return tvm.IRModule({"main": adjoint[ort.ADJOINT]})
 
 
 def test_checkpoint_round_trip(mcunet_ort, mcunet_compiled, tmp_path):
@@ -210,11 +214,56 @@ def test_checkpoint_round_trip(mcunet_ort, mcunet_compiled, tmp_path):
 
 
 def run_tool(*args) -> int:
-    import importlib.util
-    from pathlib import Path
+    return subprocess.run([sys.executable, str(TOOLS / "ort_checkpoint.py"),
+                           *map(str, args)]).returncode
 
-    path = Path(__file__).parents[1] / "tools" / "ort_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("ort_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+
+class AvgPoolNet(nn.Module):
+    """AveragePool (and ORT's AveragePoolGrad) have no gftvm converter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.avg_pool2d(self.conv(x), 2).flatten(1))
+
+
+def test_unsupported_op_names_op_node_and_model(tmp_path):
+    ort.generate_artifacts(AvgPoolNet(), tmp_path, (2, 3, 8, 8))
+    node = next(n.name for n in onnx.load(tmp_path / "training_model.onnx").graph.node
+                if n.op_type == "AveragePool")
+    with pytest.raises(gftvm.UnsupportedOpError) as err:
+        gftvm.compile(tmp_path)
+    message = str(err.value)
+    assert "ai.onnx::AveragePool" in message and f"'{node}'" in message
+    assert str(tmp_path / "training_model.onnx") in message and "Supported:" in message
+
+
+def test_unsupported_optimizer_names_its_ops(tmp_path):
+    ort.generate_artifacts(AvgPoolNet(), tmp_path, (2, 3, 8, 8))
+    proto = onnx.load(tmp_path / "optimizer_model.onnx")
+    proto.graph.node[0].op_type = "LambOptimizer"
+    onnx.save(proto, tmp_path / "optimizer_model.onnx")
+    with pytest.raises(gftvm.UnsupportedOpError, match=r"com.microsoft::LambOptimizer .*"
+                       r"optimizer_model.onnx|optimizer_model.onnx.*com.microsoft::LambOptimizer"):
+        gftvm.compile(tmp_path)
+
+
+@pytest.mark.parametrize("file, error", [("training_model.onnx", gftvm.ModelError),
+                                         ("optimizer_model.onnx", gftvm.ModelError),
+                                         ("checkpoint", gftvm.CheckpointError)])
+def test_truncated_artifact(mcunet_ort, file, error, tmp_path):
+    import shutil
+
+    shutil.copytree(mcunet_ort[0], tmp_path / "ort")
+    path = tmp_path / "ort" / file
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(error, match=f"{path}.*truncated"):
+        gftvm.compile(tmp_path / "ort")
+
+
+def test_options_of_the_forward_path_are_refused(mcunet_ort):
+    with pytest.raises(gftvm.ConfigError, match=r"\['momentum'\] do not apply"):
+        gftvm.compile(mcunet_ort[0], momentum=0.9)
