@@ -267,3 +267,30 @@ def test_truncated_artifact(mcunet_ort, file, error, tmp_path):
 def test_options_of_the_forward_path_are_refused(mcunet_ort):
     with pytest.raises(gftvm.ConfigError, match=r"\['momentum'\] do not apply"):
         gftvm.compile(mcunet_ort[0], momentum=0.9)
+
+
+class MatMulNet(nn.Module):
+    """MatMul, Sub, Div, ReduceMean, ReLU and the shape ops of their ORT gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.weight = nn.Parameter(torch.randn(4, 10) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return torch.matmul(h, self.weight) - h.sum(1, keepdim=True) / 4
+
+
+def test_matmul_net_matches_ort(tmp_path):
+    torch.manual_seed(0)
+    ort.generate_artifacts(MatMulNet(), tmp_path / "ort", (2, 3, 8, 8))
+    ops = {n.op_type for n in onnx.load(tmp_path / "ort" / "training_model.onnx").graph.node}
+    assert {"MatMul", "Sub", "Div", "ReduceMean", "Neg", "Unsqueeze", "Size"} <= ops
+    batches = random_batches(3, 2, image_size=8)
+    losses, _, session = gftvm_steps(tmp_path / "ort", 0.05, batches, tmp_path / "art")
+    expected_losses, expected = ort_steps(tmp_path / "ort", 0.05, batches)
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
+    for name, value in session.parameters().items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5, err_msg=name)

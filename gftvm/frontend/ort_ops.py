@@ -66,8 +66,7 @@ class GraphTranslator:
         self.values[name] = value
 
     def tensor(self, name: str) -> relax.Expr:
-        value = self.values[name]
-        return _as_expr(value)
+        return _as_expr(self.values[name])
 
     def constant(self, name: str, node: onnx.NodeProto) -> np.ndarray:
         value = self.values[name]
@@ -119,8 +118,6 @@ for _op, _relax, _np in [("Add", relax.op.add, np.add), ("Sub", relax.op.subtrac
                          ("Div", relax.op.divide, np.divide),
                          ("LessOrEqual", relax.op.less_equal, np.less_equal),
                          ("GreaterOrEqual", relax.op.greater_equal, np.greater_equal),
-                         ("Less", relax.op.less, np.less),
-                         ("Greater", relax.op.greater, np.greater),
                          ("And", relax.op.logical_and, np.logical_and)]:
     converter(_op)(_binary(_relax, _np))
 
@@ -180,6 +177,23 @@ def _shape_op(t, node, inputs):
     return [np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], "int64")]
 
 
+@converter("Size")
+def _size(t, node, inputs):
+    return [np.array(int(np.prod(_shape(inputs[0]))), "int64")]
+
+
+@converter("Neg")
+def _neg(t, node, inputs):
+    return [relax.op.negative(inputs[0])]
+
+
+@converter("Unsqueeze")
+def _unsqueeze(t, node, inputs):
+    axes = t.constant(node.input[1], node).tolist() if len(inputs) > 1 \
+        else _attrs(node)["axes"]
+    return [relax.op.expand_dims(_as_expr(inputs[0]), axes)]
+
+
 @converter("Reshape")
 def _reshape(t, node, inputs):
     x, target = inputs[0], t.constant(node.input[1], node).tolist()
@@ -206,14 +220,15 @@ def _expand(t, node, inputs):
     return [relax.op.broadcast_to(x, target)]
 
 
-@converter("ReduceSum")
-def _reduce_sum(t, node, inputs):
+@converter("ReduceSum", "ReduceMean")
+def _reduce(t, node, inputs):
     attrs = _attrs(node)
     axes = t.constant(node.input[1], node).tolist() if len(inputs) > 1 and inputs[1] is not None \
         else attrs.get("axes")
     if not axes and attrs.get("noop_with_empty_axes", 0):
         return [inputs[0]]
-    return [relax.op.sum(inputs[0], axes or None, keepdims=bool(attrs.get("keepdims", 1)))]
+    reduce = relax.op.sum if node.op_type == "ReduceSum" else relax.op.mean
+    return [reduce(inputs[0], axes or None, keepdims=bool(attrs.get("keepdims", 1)))]
 
 
 @converter("Scale", domain="com.microsoft")
