@@ -20,7 +20,8 @@ def compile(model, **options) -> Any:  # noqa: A001  (the public name the contra
     artifact directory (:func:`gftvm.compiler.compile_ort`) into a train-step artifact."""
     import inspect
 
-    from .compiler import compile as compile_model, compile_ort
+    from .compiler import compile as compile_model
+    from .compiler import compile_ort
     from .frontend.ort import is_artifact
 
     if not is_artifact(model):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import tvm
 from onnxruntime.training import api as ort_api
+from reference import BATCH, prepared_model, random_batches
 from torch import nn
 
 import gftvm
@@ -21,7 +22,6 @@ from gftvm.analysis import conv_calls, saved_for_backward
 from gftvm.filter import resolve_plan
 from gftvm.frontend import ort
 from gftvm.reference import filter_convs
-from reference import BATCH, prepared_model, random_batches
 
 onnxruntime.set_default_logger_severity(3)
 TOOLS = Path(__file__).parents[1] / "tools"
@@ -265,8 +265,12 @@ def test_truncated_artifact(mcunet_ort, file, error, tmp_path):
 
 
 def test_options_of_the_forward_path_are_refused(mcunet_ort):
+    training_model = mcunet_ort[0] / "training_model.onnx"
+    assert ort.is_artifact(training_model) and ort.is_artifact(mcunet_ort[0])
     with pytest.raises(gftvm.ConfigError, match=r"\['momentum'\] do not apply"):
-        gftvm.compile(mcunet_ort[0], momentum=0.9)
+        gftvm.compile(training_model, momentum=0.9)
+    with pytest.raises(gftvm.ConfigError, match="fixed batch of 4"):
+        gftvm.compile(mcunet_ort[0], batch_size=8)
 
 
 class MatMulNet(nn.Module):

@@ -99,6 +99,7 @@ def bench_steps(args: argparse.Namespace) -> None:
 
 def bench_ort(args: argparse.Namespace) -> None:
     import onnxruntime
+    import torch
     from onnxruntime.training import api as ort_api
 
     import gftvm

@@ -425,6 +425,10 @@ def _softmax_cross_entropy_grad(t, node, inputs):
 
 @converter("InPlaceAccumulatorV2", domain="com.microsoft")
 def _accumulate(t, node, inputs):
-    """gftvm's train step resets the gradient every step (ORT's ``lazy_reset_grad()`` after
-    each ``Optimizer.step()``): the accumulated gradient is this step's gradient."""
-    return [inputs[1], inputs[1]]
+    """buffer + value, or value when ``overwrite`` (ORT's ``lazy_reset_grad``) is true. gftvm
+    binds overwrite to true (a reset after every step), so the gradient is this step's."""
+    buffer, value = inputs[:2]
+    overwrite = t.constant(node.input[2], node) if len(inputs) > 2 and inputs[2] is not None \
+        else np.array([False])
+    result = value if overwrite.all() else relax.op.add(_as_expr(buffer), value)
+    return [result, result]
