@@ -298,3 +298,18 @@ def test_matmul_net_matches_ort(tmp_path):
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
     for name, value in session.parameters().items():
         np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_refused_variant_names_node_and_model(mcunet_ort, tmp_path):
+    import shutil
+
+    shutil.copytree(mcunet_ort[0], tmp_path / "ort")
+    path = tmp_path / "ort" / "training_model.onnx"
+    proto = onnx.load(path)
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    for attribute in conv.attribute:
+        if attribute.name == "auto_pad":
+            attribute.s = b"SAME_UPPER"
+    onnx.save(proto, path)
+    with pytest.raises(gftvm.UnsupportedOpError, match=f"{path}: node '{conv.name}' .*auto_pad"):
+        gftvm.compile(tmp_path / "ort")

@@ -93,7 +93,12 @@ class GraphTranslator:
         missing = [name for name, value in zip(node.input, inputs) if name and value is None]
         if missing:
             raise ModelError(f"{self.where}: node '{node.name}' reads undefined tensors {missing}")
-        outputs = convert(self, node, inputs)
+        try:
+            outputs = convert(self, node, inputs)
+        except UnsupportedOpError as err:  # a variant the converter refuses: name the model
+            if str(err).startswith(self.where):
+                raise
+            raise UnsupportedOpError(f"{self.where}: {err}") from err
         for name, value in zip(node.output, outputs):
             if name and value is not None:
                 if isinstance(value, relax.Expr) and not isinstance(value, relax.Var):
