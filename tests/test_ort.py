@@ -18,7 +18,7 @@ from reference import BATCH, prepared_model, random_batches
 from torch import nn
 
 import gftvm
-from gftvm.analysis import conv_calls, saved_for_backward
+from gftvm.analysis import conv_calls, planned_storage_bytes, saved_for_backward
 from gftvm.filter import resolve_plan
 from gftvm.frontend import ort
 from gftvm.reference import filter_convs
@@ -164,13 +164,13 @@ def test_gradient_filter_matches_eager_reference(mcunet_ort, tmp_path):
 def test_filtered_layers_save_only_the_pooled_input(tmp_path):
     """Read from the differentiated function: filtered convs of the ORT graph no longer keep
     their full-resolution input for the backward, only the pooled one (64x64 input, so that
-    the last layers' maps are larger than the patch)."""
+    the filtered layers' maps are larger than the patch)."""
     model = well_conditioned(prepared_model("mcunet", image_size=64))
     ort.generate_artifacts(model, tmp_path, (2, 3, 64, 64))
     art = ort.load_artifact(tmp_path)
     adjoint = ort.adjoint_module(art, 2)
     trainable = ort.signature(art).trainable
-    plan = resolve_plan(art.training, gftvm.GradientFilter(2, "last:4"), trainable,
+    plan = resolve_plan(art.training, gftvm.GradientFilter(2, "last:16"), trainable,
                         tvm.IRModule({"main": adjoint[ort.ADJOINT]}))
     optimizer = ort.optimizer_of(art, 0.01)
     exact = ort.build_train_module(art, adjoint, optimizer)
@@ -180,7 +180,7 @@ def test_filtered_layers_save_only_the_pooled_input(tmp_path):
     inputs_bp = {w: call.args[0] for w, call in conv_calls(exact.adjoint).items()}
     inputs_gf = {w: call.args[0] for w, call in conv_calls(filtered.adjoint).items()}
     shapes_gf = [[int(d) for d in var.ty.shape] for var in saved_gf]
-    assert len(plan) == 4
+    assert len(plan) == 16
     for layer in plan:
         assert inputs_bp[layer.weight] in saved_bp, layer.node
         assert inputs_gf[layer.weight] not in saved_gf, layer.node
@@ -191,6 +191,9 @@ def test_filtered_layers_save_only_the_pooled_input(tmp_path):
     assert freed > 0 and sum(saved_gf.values()) <= sum(saved_bp.values()) - freed
     text = filtered.mod["train_step"].script()
     assert "conv2d_grad" not in text and "gf_x_sum" in text
+    # The filter's own small tensors cost storage too: with these 16 layers the static memory
+    # plan shrinks (with the last 4 alone, 27 KB freed, it grows by 1.4%).
+    assert planned_storage_bytes(filtered.mod) < planned_storage_bytes(exact.mod)
 
 
 def test_checkpoint_round_trip(mcunet_ort, mcunet_compiled, tmp_path):
