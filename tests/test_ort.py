@@ -44,9 +44,9 @@ def well_conditioned(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_artifact(directory, name, optimizer):
+def make_artifact(directory, name, optimizer, frozen=()):
     model = well_conditioned(prepared_model(name))
-    ort.generate_artifacts(copy.deepcopy(model), directory, SHAPE, optimizer,
+    ort.generate_artifacts(copy.deepcopy(model), directory, SHAPE, optimizer, frozen,
                            **(ADAMW if optimizer == "adamw" else {}))
     return model
 
@@ -77,8 +77,11 @@ def gftvm_steps(directory, lr, batches, out, **options):
 @pytest.mark.parametrize("name, optimizer", [("mobilenetv2-0.35", "sgd"), ("resnet18", "sgd"),
                                              ("mcunet", "sgd"), ("mcunet", "adamw")])
 def test_matches_ort_training(name, optimizer, tmp_path):
-    """3 steps from the same checkpoint: losses and every parameter agree with ORT."""
-    make_artifact(tmp_path / "ort", name, optimizer)
+    """3 steps from the same checkpoint: losses and every parameter agree with ORT. The AdamW
+    artifact also freezes the first five blocks (no gradient, no update in either)."""
+    frozen = [n for n, _ in prepared_model(name).named_parameters()
+              if optimizer == "adamw" and n.startswith("features.") and int(n.split(".")[1]) < 5]
+    make_artifact(tmp_path / "ort", name, optimizer, frozen)
     batches = random_batches(3, BATCH)
     lr = LR[name, optimizer]
     losses, initial, session = gftvm_steps(tmp_path / "ort", lr, batches, tmp_path / "art")
@@ -88,6 +91,7 @@ def test_matches_ort_training(name, optimizer, tmp_path):
     assert set(params) == set(expected)
     trained = set(session.manifest["trainable"])
     assert trained and trained < set(params)      # BN running statistics are frozen
+    assert not trained & set(frozen) and bool(frozen) == (optimizer == "adamw")
     for name_, value in params.items():
         np.testing.assert_allclose(value, expected[name_], rtol=1e-4, atol=1e-5, err_msg=name_)
         if name_ not in trained:
