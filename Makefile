@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python tools/bench.py steps
+	$(VENV)/bin/python tools/bench.py ort
 	$(VENV)/bin/python tools/bench.py layers
 
 clean:

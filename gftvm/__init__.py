@@ -16,10 +16,22 @@ from .errors import *  # noqa: E402,F401,F403
 
 
 def compile(model, **options) -> Any:  # noqa: A001  (the public name the contract fixes)
-    """Compile a forward ONNX model into a train-step artifact; see :func:`gftvm.compiler.compile`."""
-    from .compiler import compile as compile_model
+    """Compile a forward ONNX model (:func:`gftvm.compiler.compile`) or an onnxruntime-training
+    artifact directory (:func:`gftvm.compiler.compile_ort`) into a train-step artifact."""
+    import inspect
 
-    return compile_model(model, **options)
+    from .compiler import compile as compile_model
+    from .compiler import compile_ort
+    from .frontend.ort import is_artifact
+
+    if not is_artifact(model):
+        return compile_model(model, **options)
+    extra = sorted(set(options) - set(inspect.signature(compile_ort).parameters))
+    if extra:
+        raise errors.ConfigError(f"{model} is an onnxruntime-training artifact: options {extra} "
+                                 f"do not apply (its optimizer, hyper-parameters and trained "
+                                 f"parameters come from the artifact; only lr is set here)")
+    return compile_ort(model, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -18,10 +18,10 @@ from . import __version__, targets, trainable as trainable_policy
 from .errors import ConfigError, ModelError
 from .filter import (PLAN_HEADER, GradientFilter, LayerPlan, conv_backward_macs, plan_json,
                      resolve_plan)
-from .frontend import onnx as onnx_frontend
+from .frontend import onnx as onnx_frontend, ort
 from .runtime import FORMAT_VERSION, MANIFEST, sha256
 from .state import TrainState, write_state
-from .train_graph import OptimizerConfig, build_train_module
+from .train_graph import OptimizerConfig, TrainModule, build_train_module
 
 LIBRARY = "train_step.so"
 STATE = "state.npz"
@@ -93,7 +93,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
     ``predict`` function of a forward ONNX model. See README for the options."""
     say = progress or (lambda message: None)
-    spec = targets.get(target)
+    targets.get(target)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be positive")
     where = "<onnx.ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
@@ -115,36 +115,83 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     start = time.perf_counter()
     built = build_train_module(forward, names, batch_size, relax_optimizer,
                                {layer.weight: layer.patch for layer in plan})
-    mod, params, optim = built.mod, built.params, built.optim_state
     say(f"built the training graph in {time.perf_counter() - start:.1f}s")
 
+    image = onnx_frontend.image_input(proto)
+    return _package(built, target, say, {
+        "model": where, "input_name": image.name,
+        "trainable_spec": trainable if isinstance(trainable, str) else "list",
+        "trainable": names, "optimizer": opt.to_json(),
+        "conv_backward_macs": conv_backward_macs(proto, names, forward, plan),
+        "gradient_filter": None if filter is None else {**filter.to_json(),
+                                                        "plan": plan_json(plan)}})
+
+
+#: onnxruntime-training's default learning rate (``Optimizer.get_learning_rate()``).
+ORT_DEFAULT_LR = 1e-3
+
+
+def compile_ort(artifact: str | os.PathLike, target: str = "host", batch_size: int | None = None,
+                lr: float = ORT_DEFAULT_LR, filter: GradientFilter | None = None,
+                progress: Callable[[str], None] | None = None) -> Artifact:
+    """Compile an onnxruntime-training artifact (directory or its training_model.onnx): its
+    training graph, with the optimizer of optimizer_model.onnx at learning rate ``lr`` (ORT
+    sets it at run time; the other hyper-parameters are in the artifact), trained and frozen
+    parameters as the artifact has them, and the initial parameters of its checkpoint."""
+    say = progress or (lambda message: None)
+    targets.get(target)
+    start = time.perf_counter()
+    art = ort.load_artifact(artifact)
+    batch = ort.batch_of(art, batch_size)
+    optimizer = ort.optimizer_of(art, lr)
+    adjoint = ort.adjoint_module(art, batch)
+    sig = ort.signature(art)
+    say(f"translated {art.path(ort.TRAINING)} ({len(art.training.graph.node)} nodes) in "
+        f"{time.perf_counter() - start:.1f}s")
+    forward = tvm.IRModule({"main": adjoint[ort.ADJOINT]})
+    plan = resolve_plan(art.training, filter, sig.trainable, forward) if filter else []
+    start = time.perf_counter()
+    built = ort.build_train_module(art, adjoint, optimizer,
+                                   {layer.weight: layer.patch for layer in plan})
+    say(f"built the training graph in {time.perf_counter() - start:.1f}s")
+    return _package(built, target, say, {
+        "model": art.directory, "frontend": "onnxruntime-training",
+        "input_name": sig.image.name, "trainable_spec": "ort", "trainable": sig.trainable,
+        "optimizer": optimizer.to_json(),
+        "conv_backward_macs": conv_backward_macs(art.training, sig.trainable, forward, plan),
+        "gradient_filter": None if filter is None else {**filter.to_json(),
+                                                        "plan": plan_json(plan)}})
+
+
+def _package(built: TrainModule, target: str, say: Callable[[str], None], info: dict
+             ) -> Artifact:
+    """Compile the training module for ``target`` and describe it in the manifest (``info``
+    holds the frontend-specific entries)."""
+    spec = targets.get(target)
     start = time.perf_counter()
     tvm_target = spec.tvm_target()
     say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
-    executable = tvm.compile(mod, target=tvm_target)
+    executable = tvm.compile(built.mod, target=tvm_target)
     say(f"compiled for {target} in {time.perf_counter() - start:.1f}s")
 
-    image = onnx_frontend.image_input(proto)
-    predict = mod["predict"]
+    predict = built.mod["predict"]
     param_names = [p.name for p in predict.params[1:]]
+    info = dict(info)
+    input_name = info.pop("input_name")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "model": where,
+        "model": info.pop("model"),
         "target": {"name": target, "arch": spec.arch, "tvm": str(tvm_target)},
-        "input": {"name": image.name, "shape": [int(d) for d in predict.params[0].ty.shape],
+        "input": {"name": input_name, "shape": [int(d) for d in predict.params[0].ty.shape],
                   "dtype": "float32"},
         "num_classes": int(predict.ret_ty.shape[1]),
         "params": [{"name": n, "shape": list(v.shape), "dtype": str(v.dtype)}
-                   for n, v in zip(param_names, params)],
-        "trainable_spec": trainable if isinstance(trainable, str) else "list",
-        "trainable": names,
-        "optimizer": opt.to_json(),
+                   for n, v in zip(param_names, built.params)],
+        **info,
         "saved_context_bytes": built.saved_bytes,
-        "conv_backward_macs": conv_backward_macs(proto, names, forward, plan),
-        "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)} for v in optim],
-        "gradient_filter": None if filter is None else {**filter.to_json(),
-                                                        "plan": plan_json(plan)},
+        "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)}
+                        for v in built.optim_state],
         "versions": {"gftvm": __version__, "tvm": tvm.__version__},
     }
-    state = TrainState(dict(zip(param_names, params)), optim, {"steps": 0})
+    state = TrainState(dict(zip(param_names, built.params)), built.optim_state, {"steps": 0})
     return Artifact(executable, manifest, state)

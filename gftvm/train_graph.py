@@ -119,18 +119,19 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
 
     adjoint = relax.transform.DeadCodeElimination(["backbone_loss_adjoint"])(
         mod)["backbone_loss_adjoint"]
-    mod = _add_train_step(mod, optimizer.get_function(), params, trainable, init_state,
-                          targets_type)
+    mod = add_train_step(mod, "backbone_loss_adjoint", optimizer.get_function(), params,
+                         trainable, init_state, targets_type)
     mod["predict"] = mod["backbone"].with_attr("global_symbol", "predict")
-    mod = _keep_entries(mod, ["train_step", "predict"])
+    mod = keep_entries(mod, ["train_step", "predict"])
     return TrainModule(mod, init_params, init_state, adjoint)
 
 
-def _add_train_step(mod: tvm.IRModule, optimizer: relax.Function, params: list[relax.Var],
-                    trainable: list[str], init_state: list[np.ndarray],
-                    targets_type: relax.TensorType) -> tvm.IRModule:
-    """train_step = optimizer(backbone_loss_adjoint(...)), inlined later into one function."""
-    image = relax.Var("input", mod["backbone"].params[0].ty)
+def add_train_step(mod: tvm.IRModule, adjoint_name: str, optimizer: relax.Function,
+                   params: list[relax.Var], trainable: list[str], init_state: list[np.ndarray],
+                   targets_type: relax.TensorType) -> tvm.IRModule:
+    """train_step = optimizer(adjoint(input, *params, targets)), inlined later into one
+    function. The adjoint returns (loss, (gradients of ``trainable``...))."""
+    image = relax.Var("input", mod[adjoint_name].params[0].ty)
     targets = relax.Var("targets", targets_type)
     param_vars = [relax.Var(p.name, p.ty) for p in params]
     state = [relax.Var(f"optim_state_{i}", relax.TensorType(s.shape, str(s.dtype)))
@@ -141,7 +142,7 @@ def _add_train_step(mod: tvm.IRModule, optimizer: relax.Function, params: list[r
     optimizer_gv = bb.add_func(optimizer, "optimizer")
     with bb.function("train_step", [image, targets, *param_vars, *state]):
         with bb.dataflow():
-            adjoint = bb.emit(relax.Call(mod.get_global_var("backbone_loss_adjoint"),
+            adjoint = bb.emit(relax.Call(mod.get_global_var(adjoint_name),
                                          [image, *param_vars, targets]))
             loss = bb.emit(relax.TupleGetItem(adjoint, 0))
             grads = bb.emit(relax.TupleGetItem(adjoint, 1))
@@ -153,7 +154,7 @@ def _add_train_step(mod: tvm.IRModule, optimizer: relax.Function, params: list[r
     return bb.get()
 
 
-def _keep_entries(mod: tvm.IRModule, entries: list[str]) -> tvm.IRModule:
+def keep_entries(mod: tvm.IRModule, entries: list[str]) -> tvm.IRModule:
     """Make every other Relax function private, inline it, and drop what is unused."""
     functions = {}
     for gv, func in mod.functions.items():

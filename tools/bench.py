@@ -3,6 +3,9 @@
 
     python tools/bench.py steps  [--models ...] [--train all last:4] [--batch 8]
         train-step time: gftvm's compiled step vs PyTorch eager (BN in eval mode, SGD+momentum)
+    python tools/bench.py ort    [--models ...] [--filter-layers last:4] [--batch 8]
+        train-step time of one onnxruntime-training artifact (32x32, SGD): in ORT's training
+        API vs compiled by gftvm, exact (BP) and with gradient filtering R2 (GF)
     python tools/bench.py layers [--patch 2 4] [--batch 8] [--csv F] [--plot F]
         per-layer conv backward on the paper's shapes: gftvm's compiled gradient-filter
         backward vs PyTorch's oneDNN exact backward (grad_x + grad_w) vs PyTorch-eager
@@ -35,6 +38,9 @@ def parse_args() -> argparse.Namespace:
     steps.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     steps.add_argument("--train", nargs="+", default=["all", "last:4"])
     steps.add_argument("--image-size", type=int, default=32)
+    ort = sub.add_parser("ort", help="an ORT artifact in ORT vs compiled by gftvm (BP, GF)")
+    ort.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
+    ort.add_argument("--filter-layers", default="last:4")
     layers = sub.add_parser("layers", help="per-layer backward on the paper's shapes")
     layers.add_argument("--patch", nargs="+", type=int, default=[2, 4])
     layers.add_argument("--csv", default="out/bench_layers.csv")
@@ -89,6 +95,50 @@ def bench_steps(args: argparse.Namespace) -> None:
             torch_ms = median_ms(torch_step, args.repeat)
             print(f"{name:18} {spec:8} {gftvm_ms:10.1f} {torch_ms:10.1f} "
                   f"{torch_ms / gftvm_ms:12.2f}", flush=True)
+
+
+def bench_ort(args: argparse.Namespace) -> None:
+    import onnxruntime
+    import torch
+    from onnxruntime.training import api as ort_api
+
+    import gftvm
+    from gftvm import models
+    from gftvm.data import synthetic
+    from gftvm.frontend import ort
+
+    images, labels = synthetic(args.batch, image_size=32)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = args.threads
+    lr = 1e-3
+    print(f"{'model':18} {'ORT ms':>9} {'gftvm BP ms':>12} {'gftvm GF ms':>12} "
+          f"{'ORT/BP':>7} {'ORT/GF':>7}  (GF: R2, {args.filter_layers})")
+    for name in args.models:
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            ort.generate_artifacts(models.build(name), tmp, (args.batch, 3, 32, 32))
+            state = ort_api.CheckpointState.load_checkpoint(os.path.join(tmp, ort.CHECKPOINT))
+            module = ort_api.Module(os.path.join(tmp, ort.TRAINING), state,
+                                    os.path.join(tmp, ort.EVAL), session_options=options)
+            optimizer = ort_api.Optimizer(os.path.join(tmp, ort.OPTIMIZER), module)
+            optimizer.set_learning_rate(lr)
+            module.train()
+
+            def ort_step() -> None:
+                module(images, labels)
+                optimizer.step()
+                module.lazy_reset_grad()
+
+            ort_ms = median_ms(ort_step, args.repeat)
+            gftvm_ms = []
+            for grad_filter in (None, gftvm.GradientFilter(2, args.filter_layers)):
+                artifact = os.path.join(tmp, "gf" if grad_filter else "bp")
+                gftvm.compile(tmp, lr=lr, filter=grad_filter).save(artifact)
+                session = gftvm.runtime.load(artifact)
+                gftvm_ms.append(median_ms(lambda: session.step(images, labels), args.repeat))
+        bp, gf = gftvm_ms
+        print(f"{name:18} {ort_ms:9.1f} {bp:12.1f} {gf:12.1f} {ort_ms / bp:7.2f} "
+              f"{ort_ms / gf:7.2f}", flush=True)
 
 
 def compiled_filtered_backward(layer):
@@ -208,7 +258,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; threads={args.threads}, "
           f"batch={args.batch}, median of {args.repeat} runs")
-    bench_steps(args) if args.command == "steps" else bench_layers(args)
+    {"steps": bench_steps, "ort": bench_ort, "layers": bench_layers}[args.command](args)
     return 0
 
 

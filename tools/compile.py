@@ -4,12 +4,16 @@
     python tools/compile.py [MODEL.onnx] --target host --train last:4 --batch 8 \
         --optimizer sgd --lr 0.05 [--filter-patch 2 --filter-layers last:4] -o OUT_DIR
     python tools/compile.py MODEL.onnx --train last:8 --filter auto --budget-ms 40 -o OUT_DIR
+    python tools/compile.py --from-ort ORT_ARTIFACT_DIR [--lr 0.001] [--filter-...] -o OUT_DIR
 
 ``--filter auto`` chooses the gradient-filter plan (last K trained convs, R2 or R4) whose
 modelled train step fits ``--budget-ms`` (gftvm/flash/filter_search.py; the ms-per-MAC
 coefficient is fitted to docs/flash/TARGET_latency.json).
 
-Without MODEL.onnx it exports and compiles the bundled default model (gftvm.models).
+Without MODEL.onnx it exports and compiles the bundled default model (gftvm.models). With
+--from-ort it compiles an onnxruntime-training artifact: its training graph, trained and frozen
+parameters, optimizer and checkpoint (--train, --optimizer, --momentum, --weight-decay do not
+apply; --lr defaults to ORT's 0.001, --batch to the artifact's).
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ import gftvm
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", help="forward ONNX model (default: bundled model)")
+    parser.add_argument("--from-ort", metavar="DIR", help="an onnxruntime-training artifact "
+                        "directory (training_model.onnx, eval_model.onnx, optimizer_model.onnx, "
+                        "checkpoint) instead of a forward model")
     parser.add_argument("--target", default="host",
                         help="host (this machine) or cortex-a72 (Raspberry Pi 4, aarch64)")
-    parser.add_argument("--train", default="all", help="'all', 'last:K' or comma-separated "
+    parser.add_argument("--train", help="'all', 'last:K' or comma-separated "
                         "initializer names (default: all)")
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--batch", type=int, help="batch size (default: 8)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"])
+    parser.add_argument("--lr", type=float, help="learning rate (default: 0.05)")
+    parser.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, help="(default: 0)")
     parser.add_argument("--filter-patch", type=int, metavar="R",
                         help="gradient filtering with patch size R (default: exact backprop)")
     parser.add_argument("--filter-layers", default="last:4", metavar="LAYERS",
@@ -48,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="input size of the bundled model (default: 32)")
     parser.add_argument("-o", "--output", default="out/artifact", help="artifact directory")
     return parser.parse_args(argv)
+
+
+FORWARD_DEFAULTS = {"train": "all", "batch": 8, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
+                    "weight_decay": 0.0}
 
 
 def auto_filter(model: str, trainable, args: argparse.Namespace, log
@@ -82,6 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     log = lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
+    grad_filter = None
+    if args.filter_patch is not None:
+        layers = args.filter_layers if args.filter_layers.startswith("last:") \
+            else args.filter_layers.split(",")
+        grad_filter = gftvm.GradientFilter(args.filter_patch, layers)
+    if args.from_ort:
+        return compile_ort(args, grad_filter, log)
+    for name, value in FORWARD_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     model = args.model
     if model is None:
         from gftvm import models
@@ -98,11 +119,6 @@ def main(argv: list[str] | None = None) -> int:
                                 calibration=torch.from_numpy(images))
     trainable = args.train if args.train == "all" or args.train.startswith("last:") \
         else args.train.split(",")
-    grad_filter = None
-    if args.filter_patch is not None:
-        layers = args.filter_layers if args.filter_layers.startswith("last:") \
-            else args.filter_layers.split(",")
-        grad_filter = gftvm.GradientFilter(args.filter_patch, layers)
     try:
         if args.filter == "auto":
             grad_filter = auto_filter(model, trainable, args, log)
@@ -114,7 +130,33 @@ def main(argv: list[str] | None = None) -> int:
     except gftvm.GftvmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    log(f"saved the artifact to {args.output}")
+    return finish(artifact, args.output, log)
+
+
+def compile_ort(args: argparse.Namespace, grad_filter, log) -> int:
+    """--from-ort: compile an onnxruntime-training artifact directory."""
+    given = [f"--{name.replace('_', '-')}" for name in ("train", "optimizer", "momentum",
+                                                       "weight_decay", "filter")
+             if getattr(args, name) is not None]
+    if given or args.model:
+        print(f"error: {given or [args.model]} do not apply with --from-ort (the artifact holds "
+              f"the model, trained parameters and optimizer)", file=sys.stderr)
+        return 2
+    from gftvm.compiler import ORT_DEFAULT_LR, compile_ort as compile_artifact
+
+    try:
+        artifact = compile_artifact(args.from_ort, target=args.target, batch_size=args.batch,
+                                    lr=ORT_DEFAULT_LR if args.lr is None else args.lr,
+                                    filter=grad_filter, progress=log)
+        artifact.save(args.output)
+    except gftvm.GftvmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return finish(artifact, args.output, log)
+
+
+def finish(artifact, output: str, log) -> int:
+    log(f"saved the artifact to {output}")
     print(artifact.summary())
     return 0
 
