@@ -14,14 +14,14 @@ import onnx
 import tvm
 from tvm import relax
 
-from . import __version__, targets, trainable as trainable_policy
+from . import __version__, targets, trainable as trainable_policy, tuning
 from .errors import ConfigError, ModelError
 from .filter import (PLAN_HEADER, GradientFilter, LayerPlan, conv_backward_macs, plan_json,
                      resolve_plan)
 from .frontend import onnx as onnx_frontend
 from .runtime import FORMAT_VERSION, MANIFEST, sha256
 from .state import TrainState, write_state
-from .train_graph import OptimizerConfig, build_train_module
+from .train_graph import OptimizerConfig, TrainModule, build_train_module
 
 LIBRARY = "train_step.so"
 STATE = "state.npz"
@@ -70,6 +70,7 @@ class Artifact:
             f"optimizer  {m['optimizer']}",
             f"saved ctx  {m['saved_context_bytes']:,} bytes kept from forward for backward",
             f"conv bwd   {m['conv_backward_macs']:,} MACs per step",
+            f"schedules  {m['tuned_kernels']} kernels with tuned schedules",
             f"versions   gftvm {m['versions']['gftvm']}, tvm {m['versions']['tvm']}",
             self.plan_table(),
         ])
@@ -84,16 +85,33 @@ class Artifact:
                           PLAN_HEADER, *rows])
 
 
-def compile(model: onnx_frontend.ModelLike, target: str = "host",
-            trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
-            optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
-            weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-            eps: float = 1e-8, filter: GradientFilter | None = None,
-            progress: Callable[[str], None] | None = None) -> Artifact:
-    """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
-    ``predict`` function of a forward ONNX model. See README for the options."""
+@dataclass
+class TrainProgram:
+    """The Relax train-step module of a model, before ``tvm.compile``, with what the manifest
+    needs."""
+
+    proto: onnx.ModelProto
+    where: str
+    forward: tvm.IRModule
+    trainable: list[str]
+    plan: list[LayerPlan]
+    built: TrainModule
+    optimizer: OptimizerConfig
+
+    @property
+    def mod(self) -> tvm.IRModule:
+        return self.built.mod
+
+
+def build_program(model: onnx_frontend.ModelLike,
+                  trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
+                  optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
+                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                  eps: float = 1e-8, filter: GradientFilter | None = None,
+                  progress: Callable[[str], None] | None = None) -> TrainProgram:
+    """Import the model and build its train-step module (``train_step`` and ``predict``), as
+    :func:`compile` compiles it; tools/tune.py tunes the kernels of this module."""
     say = progress or (lambda message: None)
-    spec = targets.get(target)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be positive")
     where = "<onnx.ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
@@ -115,15 +133,37 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     start = time.perf_counter()
     built = build_train_module(forward, names, batch_size, relax_optimizer,
                                {layer.weight: layer.patch for layer in plan})
-    mod, params, optim = built.mod, built.params, built.optim_state
     say(f"built the training graph in {time.perf_counter() - start:.1f}s")
+    return TrainProgram(proto, where, forward, names, plan, built, opt)
+
+
+def compile(model: onnx_frontend.ModelLike, target: str = "host",
+            trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
+            optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
+            weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8, filter: GradientFilter | None = None,
+            progress: Callable[[str], None] | None = None,
+            schedules: str | os.PathLike | bool = True) -> Artifact:
+    """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
+    ``predict`` function of a forward ONNX model. ``schedules``: the tuning database applied
+    (True: ``schedules/<target>/`` when present, False: none, or a database directory). See
+    README for the other options."""
+    say = progress or (lambda message: None)
+    spec = targets.get(target)
+    program = build_program(model, trainable, batch_size, optimizer, lr, momentum,
+                            weight_decay, betas, eps, filter, progress)
+    mod, names, plan, opt = program.mod, program.trainable, program.plan, program.optimizer
+    params, optim = program.built.params, program.built.optim_state
 
     start = time.perf_counter()
     tvm_target = spec.tvm_target()
+    database = tuning.database_for(spec, schedules, say)
     say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
-    executable = tvm.compile(mod, target=tvm_target)
-    say(f"compiled for {target} in {time.perf_counter() - start:.1f}s")
+    executable, tuned = tuning.compile_module(mod, tvm_target, database)
+    say(f"compiled for {target} in {time.perf_counter() - start:.1f}s"
+        + (f" ({tuned} kernels with tuned schedules)" if database is not None else ""))
 
+    proto, where = program.proto, program.where
     image = onnx_frontend.image_input(proto)
     predict = mod["predict"]
     param_names = [p.name for p in predict.params[1:]]
@@ -139,11 +179,12 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
         "trainable_spec": trainable if isinstance(trainable, str) else "list",
         "trainable": names,
         "optimizer": opt.to_json(),
-        "saved_context_bytes": built.saved_bytes,
-        "conv_backward_macs": conv_backward_macs(proto, names, forward, plan),
+        "saved_context_bytes": program.built.saved_bytes,
+        "conv_backward_macs": conv_backward_macs(proto, names, program.forward, plan),
         "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)} for v in optim],
         "gradient_filter": None if filter is None else {**filter.to_json(),
                                                         "plan": plan_json(plan)},
+        "tuned_kernels": tuned,
         "versions": {"gftvm": __version__, "tvm": tvm.__version__},
     }
     state = TrainState(dict(zip(param_names, params)), optim, {"steps": 0})
