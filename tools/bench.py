@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmarks, measured side by side in one run with the same thread count.
 
-    python tools/bench.py steps  [--models ...] [--train all last:4] [--batch 8]
-        train-step time: gftvm's compiled step vs PyTorch eager (BN in eval mode, SGD+momentum)
+    python tools/bench.py steps  [--models ...] [--train all last:4] [--batch 8] [--filter-patch 2]
+        train-step time: gftvm's compiled step, untuned and with schedules/host/ records, vs
+        PyTorch eager (BN in eval mode, SGD+momentum; gradient filtering: gftvm.reference)
     python tools/bench.py layers [--patch 2 4] [--batch 8] [--csv F] [--plot F]
         per-layer conv backward on the paper's shapes: gftvm's compiled gradient-filter
         backward vs PyTorch's oneDNN exact backward (grad_x + grad_w) vs PyTorch-eager
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import platform
 import statistics
@@ -35,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     steps.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     steps.add_argument("--train", nargs="+", default=["all", "last:4"])
     steps.add_argument("--image-size", type=int, default=32)
+    steps.add_argument("--filter-patch", type=int, nargs="*", default=[],
+                       help="also gradient-filtered steps (same layers as --train) with these R")
     layers = sub.add_parser("layers", help="per-layer backward on the paper's shapes")
     layers.add_argument("--patch", nargs="+", type=int, default=[2, 4])
     layers.add_argument("--csv", default="out/bench_layers.csv")
@@ -54,41 +58,62 @@ def median_ms(run, repeat: int) -> float:
 
 
 def bench_steps(args: argparse.Namespace) -> None:
+    import copy
+
     import torch
 
     import gftvm
     from gftvm import models
     from gftvm.data import synthetic
+    from gftvm.reference import filter_convs
 
     images, labels = synthetic(args.batch, image_size=args.image_size)
     x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
-    print(f"{'model':18} {'train':8} {'gftvm ms':>10} {'torch ms':>10} {'torch/gftvm':>12}")
-    for name in args.models:
-        for spec in args.train:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                model = models.export_zoo_model(name, path, args.image_size, calibration=x_t)
-                artifact = gftvm.compile(path, trainable=spec, batch_size=args.batch,
-                                         optimizer="sgd", lr=1e-3, momentum=0.9)
-                artifact.save(tmp)
-                session = gftvm.runtime.load(tmp)
-            gftvm_ms = median_ms(lambda: session.step(images, labels), args.repeat)
+    print("gftvm: compiled step without tuned schedules; tuned: with schedules/host/ (count of "
+          "kernels with a record); torch: PyTorch eager, same math (GF: gftvm.reference)")
+    print(f"{'model':18} {'train':8} {'method':6} {'gftvm ms':>10} {'tuned ms':>10} "
+          f"{'kernels':>8} {'torch ms':>10} {'torch/gftvm':>12} {'torch/tuned':>12}")
+    for name, spec, patch in itertools.product(args.models, args.train, [None, *args.filter_patch]):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            model = models.export_zoo_model(name, path, args.image_size, calibration=x_t)
+            options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3,
+                           momentum=0.9,
+                           filter=None if patch is None else gftvm.GradientFilter(patch, spec))
+            timings = {}
+            for schedules in (False, True):
+                artifact = gftvm.compile(path, schedules=schedules, **options)
+                tuned = artifact.manifest["tuned_kernels"]
+                if schedules and not tuned:
+                    break
+                artifact.save(os.path.join(tmp, str(schedules)))
+                session = gftvm.runtime.load(os.path.join(tmp, str(schedules)))
+                timings[schedules] = median_ms(lambda: session.step(images, labels),
+                                               args.repeat)
 
-            trained = set(artifact.manifest["trainable"])
-            for n, p in model.named_parameters():
-                p.requires_grad_(n in trained)
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                  momentum=0.9)
+        if patch is not None:
+            model = copy.deepcopy(model)
+            filter_convs(model, {layer["weight"].removesuffix(".weight"): layer["patch"]
+                                 for layer in artifact.manifest["gradient_filter"]["plan"]})
+        trained = set(artifact.manifest["trainable"])
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trained)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                              momentum=0.9)
 
-            def torch_step() -> None:
-                loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        def torch_step() -> None:
+            loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
-            torch_ms = median_ms(torch_step, args.repeat)
-            print(f"{name:18} {spec:8} {gftvm_ms:10.1f} {torch_ms:10.1f} "
-                  f"{torch_ms / gftvm_ms:12.2f}", flush=True)
+        torch_ms = median_ms(torch_step, args.repeat)
+        method = "BP" if patch is None else f"GF R{patch}"
+        tuned_ms = timings.get(True)
+        tuned_cols = (f"{tuned_ms:10.1f} {tuned:8d}" if tuned_ms else f"{'-':>10} {0:8d}")
+        ratio = f"{torch_ms / tuned_ms:12.2f}" if tuned_ms else f"{'-':>12}"
+        print(f"{name:18} {spec:8} {method:6} {timings[False]:10.1f} {tuned_cols} "
+              f"{torch_ms:10.1f} {torch_ms / timings[False]:12.2f} {ratio}", flush=True)
 
 
 def compiled_filtered_backward(layer):
