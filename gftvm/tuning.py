@@ -196,6 +196,7 @@ def _write(directory: str | os.PathLike, fill: Callable[[ms.database.Database], 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    tmp.chmod(0o755)
     fill(open_database(tmp))
     count = len(open_database(tmp).get_all_tuning_records())
     old = directory.with_name(f".{directory.name}.old")

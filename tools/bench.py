@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     steps.add_argument("--image-size", type=int, default=32)
     steps.add_argument("--filter-patch", type=int, nargs="*", default=[],
                        help="also gradient-filtered steps (same layers as --train) with these R")
+    steps.add_argument("--csv", default="bench/results/steps.csv",
+                       help="rows, with the machine description and load in comments")
     layers = sub.add_parser("layers", help="per-layer backward on the paper's shapes")
     layers.add_argument("--patch", nargs="+", type=int, default=[2, 4])
     layers.add_argument("--csv", default="out/bench_layers.csv")
@@ -73,6 +75,7 @@ def bench_steps(args: argparse.Namespace) -> None:
           "kernels with a record); torch: PyTorch eager, same math (GF: gftvm.reference)")
     print(f"{'model':18} {'train':8} {'method':6} {'gftvm ms':>10} {'tuned ms':>10} "
           f"{'kernels':>8} {'torch ms':>10} {'torch/gftvm':>12} {'torch/tuned':>12}")
+    rows = []
     for name, spec, patch in itertools.product(args.models, args.train, [None, *args.filter_patch]):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
@@ -114,6 +117,14 @@ def bench_steps(args: argparse.Namespace) -> None:
         ratio = f"{torch_ms / tuned_ms:12.2f}" if tuned_ms else f"{'-':>12}"
         print(f"{name:18} {spec:8} {method:6} {timings[False]:10.1f} {tuned_cols} "
               f"{torch_ms:10.1f} {torch_ms / timings[False]:12.2f} {ratio}", flush=True)
+        rows.append([name, spec, method, round(timings[False], 3),
+                     round(tuned_ms, 3) if tuned_ms else "", tuned, round(torch_ms, 3)])
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        f.write(f"# {machine_description(args)}\n")
+        csv.writer(f).writerows([["model", "train", "method", "gftvm_ms", "tuned_ms",
+                                  "tuned_kernels", "torch_ms"], *rows])
+    print(f"wrote {args.csv}")
 
 
 def compiled_filtered_backward(layer):
@@ -225,14 +236,22 @@ def plot_layers(rows: list[list], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def machine_description(args: argparse.Namespace) -> str:
+    import tvm
+
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"machine: {platform.machine()} ({tvm.target.codegen.llvm_get_system_cpu()}), "
+            f"{os.cpu_count()} cores, load average {load}; threads={args.threads}, "
+            f"batch={args.batch}, median of {args.repeat} runs")
+
+
 def main() -> int:
     args = parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; threads={args.threads}, "
-          f"batch={args.batch}, median of {args.repeat} runs")
+    print(machine_description(args))
     bench_steps(args) if args.command == "steps" else bench_layers(args)
     return 0
 
