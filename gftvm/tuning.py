@@ -112,6 +112,15 @@ def heaviest(tasks: list[ms.ExtractedTask], count: int) -> list[ms.ExtractedTask
     return sorted(tasks, key=work, reverse=True)[:count]
 
 
+def without_records(tasks: list[ms.ExtractedTask], directory: str | os.PathLike
+                    ) -> list[ms.ExtractedTask]:
+    """The tasks whose kernel has no record in the database of ``directory`` (if any)."""
+    if not (Path(directory) / RECORDS).is_file():
+        return tasks
+    database = open_database(directory)
+    return [t for t in tasks if not database.has_workload(t.dispatched[0])]
+
+
 def export_aarch64(module: tvm.runtime.Module) -> str:
     """MetaSchedule builder export for boards: a shared library linked by the cross compiler,
     so the board needs no compiler."""

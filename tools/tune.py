@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help="comma-separated kernel kinds to tune, or 'all' (default: %(default)s)")
     tune.add_argument("--max-tasks", type=int,
                       help="tune only this many of them, those with the most FLOPs per step")
+    tune.add_argument("--untuned-only", action="store_true",
+                      help="skip kernels that already have a record in the output database")
     tune.add_argument("--rpc-tracker", metavar="HOST:PORT",
                       help="measure on a board through this RPC tracker (default: locally)")
     tune.add_argument("--rpc-key", default="rasp4", help="the board's key at the tracker")
@@ -93,16 +95,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{args.database}: {tuning.prune(args.database, tasks)} records kept "
                 f"for {len(tasks)} kernels")
             return 0
+        output = args.output or os.fspath(tuning.SCHEDULES / args.target)
         chosen = selected(tasks, args.ops)
+        if args.untuned_only:
+            chosen = tuning.without_records(chosen, output)
         if args.max_tasks is not None:
             chosen = tuning.heaviest(chosen, args.max_tasks)
         log(f"{len(tasks)} distinct kernels, tuning {len(chosen)} ({args.ops}) for "
             f"{args.target} ({target.attrs['mcpu']}) with {args.trials} trials in "
-            f"{args.work_dir}")
+            f"{args.work_dir}: {', '.join(t.task_name for t in chosen)}")
         tuning.tune(chosen, args.work_dir, args.trials, tuning.builder(spec, args.jobs),
                     tuning.runner(args.rpc_tracker, args.rpc_key if args.rpc_tracker else None),
                     say=log, seed=args.seed, verbose=args.verbose)
-        output = args.output or os.fspath(tuning.SCHEDULES / args.target)
         log(f"{output}: {tuning.merge([args.work_dir], output)} records")
     except gftvm.GftvmError as err:
         print(f"error: {err}", file=sys.stderr)
