@@ -14,7 +14,7 @@ import onnx
 import tvm
 from tvm import relax
 
-from . import __version__, targets, trainable as trainable_policy
+from . import __version__, targets, trainable as trainable_policy, tuning
 from .errors import ConfigError, ModelError
 from .filter import (PLAN_HEADER, GradientFilter, LayerPlan, conv_backward_macs, plan_json,
                      resolve_plan)
@@ -70,6 +70,7 @@ class Artifact:
             f"optimizer  {m['optimizer']}",
             f"saved ctx  {m['saved_context_bytes']:,} bytes kept from forward for backward",
             f"conv bwd   {m['conv_backward_macs']:,} MACs per step",
+            f"schedules  {m['tuned_kernels']} kernels with tuned schedules",
             f"versions   gftvm {m['versions']['gftvm']}, tvm {m['versions']['tvm']}",
             self.plan_table(),
         ])
@@ -84,16 +85,28 @@ class Artifact:
                           PLAN_HEADER, *rows])
 
 
-def compile(model: onnx_frontend.ModelLike, target: str = "host",
-            trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
-            optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
-            weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-            eps: float = 1e-8, filter: GradientFilter | None = None,
-            progress: Callable[[str], None] | None = None) -> Artifact:
-    """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
-    ``predict`` function of a forward ONNX model. See README for the options."""
+@dataclass
+class TrainProgram:
+    """A train-step module before ``tvm.compile``: the training module and the
+    frontend-specific manifest entries (``info``)."""
+
+    built: TrainModule
+    info: dict
+
+    @property
+    def mod(self) -> tvm.IRModule:
+        return self.built.mod
+
+
+def build_program(model: onnx_frontend.ModelLike,
+                  trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
+                  optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
+                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                  eps: float = 1e-8, filter: GradientFilter | None = None,
+                  progress: Callable[[str], None] | None = None) -> TrainProgram:
+    """Import a forward ONNX model and build its train-step module (``train_step`` and
+    ``predict``): what :func:`compile` compiles and tools/tune.py tunes."""
     say = progress or (lambda message: None)
-    targets.get(target)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be positive")
     where = "<onnx.ModelProto>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
@@ -118,7 +131,7 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
     say(f"built the training graph in {time.perf_counter() - start:.1f}s")
 
     image = onnx_frontend.image_input(proto)
-    return _package(built, target, say, {
+    return TrainProgram(built, {
         "model": where, "input_name": image.name,
         "trainable_spec": trainable if isinstance(trainable, str) else "list",
         "trainable": names, "optimizer": opt.to_json(),
@@ -131,15 +144,15 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
 ORT_DEFAULT_LR = 1e-3
 
 
-def compile_ort(artifact: str | os.PathLike, target: str = "host", batch_size: int | None = None,
-                lr: float = ORT_DEFAULT_LR, filter: GradientFilter | None = None,
-                progress: Callable[[str], None] | None = None) -> Artifact:
-    """Compile an onnxruntime-training artifact (directory or its training_model.onnx): its
-    training graph, with the optimizer of optimizer_model.onnx at learning rate ``lr`` (ORT
-    sets it at run time; the other hyper-parameters are in the artifact), trained and frozen
-    parameters as the artifact has them, and the initial parameters of its checkpoint."""
+def build_ort_program(artifact: str | os.PathLike, batch_size: int | None = None,
+                      lr: float = ORT_DEFAULT_LR, filter: GradientFilter | None = None,
+                      progress: Callable[[str], None] | None = None) -> TrainProgram:
+    """The train-step module of an onnxruntime-training artifact (directory or its
+    training_model.onnx): its training graph, with the optimizer of optimizer_model.onnx at
+    learning rate ``lr`` (ORT sets it at run time; the other hyper-parameters are in the
+    artifact), trained and frozen parameters as the artifact has them, and the initial
+    parameters of its checkpoint."""
     say = progress or (lambda message: None)
-    targets.get(target)
     start = time.perf_counter()
     art = ort.load_artifact(artifact)
     batch = ort.batch_of(art, batch_size)
@@ -154,7 +167,7 @@ def compile_ort(artifact: str | os.PathLike, target: str = "host", batch_size: i
     built = ort.build_train_module(art, adjoint, optimizer,
                                    {layer.weight: layer.patch for layer in plan})
     say(f"built the training graph in {time.perf_counter() - start:.1f}s")
-    return _package(built, target, say, {
+    return TrainProgram(built, {
         "model": art.directory, "frontend": "onnxruntime-training",
         "input_name": sig.image.name, "trainable_spec": "ort", "trainable": sig.trainable,
         "optimizer": optimizer.to_json(),
@@ -163,20 +176,50 @@ def compile_ort(artifact: str | os.PathLike, target: str = "host", batch_size: i
                                                         "plan": plan_json(plan)}})
 
 
-def _package(built: TrainModule, target: str, say: Callable[[str], None], info: dict
-             ) -> Artifact:
-    """Compile the training module for ``target`` and describe it in the manifest (``info``
-    holds the frontend-specific entries)."""
+def compile(model: onnx_frontend.ModelLike, target: str = "host",
+            trainable: trainable_policy.TrainableSpec = "all", batch_size: int = 8,
+            optimizer: str = "sgd", lr: float = 0.05, momentum: float = 0.0,
+            weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8, filter: GradientFilter | None = None,
+            progress: Callable[[str], None] | None = None,
+            schedules: str | os.PathLike | bool = True) -> Artifact:
+    """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
+    ``predict`` function of a forward ONNX model. ``schedules``: the tuning database applied
+    (True: ``schedules/<target>/`` when present, False: none, or a database directory). See
+    README for the other options."""
+    targets.get(target)
+    program = build_program(model, trainable, batch_size, optimizer, lr, momentum,
+                            weight_decay, betas, eps, filter, progress)
+    return _package(program, target, schedules, progress)
+
+
+def compile_ort(artifact: str | os.PathLike, target: str = "host", batch_size: int | None = None,
+                lr: float = ORT_DEFAULT_LR, filter: GradientFilter | None = None,
+                progress: Callable[[str], None] | None = None,
+                schedules: str | os.PathLike | bool = True) -> Artifact:
+    """Compile an onnxruntime-training artifact (see :func:`build_ort_program`)."""
+    targets.get(target)
+    program = build_ort_program(artifact, batch_size, lr, filter, progress)
+    return _package(program, target, schedules, progress)
+
+
+def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | bool,
+             progress: Callable[[str], None] | None) -> Artifact:
+    """Compile the training module for ``target`` and describe it in the manifest."""
+    say = progress or (lambda message: None)
+    built = program.built
     spec = targets.get(target)
     start = time.perf_counter()
     tvm_target = spec.tvm_target()
+    database = tuning.database_for(spec, schedules, say)
     say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
-    executable = tvm.compile(built.mod, target=tvm_target)
-    say(f"compiled for {target} in {time.perf_counter() - start:.1f}s")
+    executable, tuned = tuning.compile_module(built.mod, tvm_target, database)
+    say(f"compiled for {target} in {time.perf_counter() - start:.1f}s"
+        + (f" ({tuned} kernels with tuned schedules)" if database is not None else ""))
 
     predict = built.mod["predict"]
     param_names = [p.name for p in predict.params[1:]]
-    info = dict(info)
+    info = dict(program.info)
     input_name = info.pop("input_name")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -191,6 +234,7 @@ def _package(built: TrainModule, target: str, say: Callable[[str], None], info: 
         "saved_context_bytes": built.saved_bytes,
         "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)}
                         for v in built.optim_state],
+        "tuned_kernels": tuned,
         "versions": {"gftvm": __version__, "tvm": tvm.__version__},
     }
     state = TrainState(dict(zip(param_names, built.params)), built.optim_state, {"steps": 0})

@@ -81,13 +81,14 @@ BATCH = 4
 
 
 def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: int = 32,
-                 steps: int = 3, filter: gftvm.GradientFilter | None = None
-                 ) -> gftvm.runtime.Session:
-    """Compile ``path`` (exported from ``model``), train ``steps`` steps, and check loss and
-    parameters against PyTorch autograd (with the eager gradient filter when ``filter``)."""
+                 steps: int = 3, filter: gftvm.GradientFilter | None = None,
+                 schedules=True) -> gftvm.runtime.Session:
+    """Compile ``path`` (exported from ``model``, with the tuning database ``schedules``), train
+    ``steps`` steps, and check loss and parameters against PyTorch autograd (with the eager
+    gradient filter when ``filter``)."""
     tmp_path = path.parent
     gftvm.compile(path, trainable=trainable, batch_size=BATCH, filter=filter,
-                  **OPTIMIZERS[optimizer]).save(tmp_path / "art")
+                  schedules=schedules, **OPTIMIZERS[optimizer]).save(tmp_path / "art")
     session = gftvm.runtime.load(tmp_path / "art")
     model = copy.deepcopy(model)
     if filter is not None:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmarks, measured side by side in one run with the same thread count.
 
-    python tools/bench.py steps  [--models ...] [--train all last:4] [--batch 8]
-        train-step time: gftvm's compiled step vs PyTorch eager (BN in eval mode, SGD+momentum)
+    python tools/bench.py steps  [--models ...] [--train all last:4] [--batch 8] [--filter-patch 2]
+        train-step time: gftvm's compiled step, untuned and with schedules/host/ records, vs
+        PyTorch eager (BN in eval mode, SGD+momentum; gradient filtering: gftvm.reference)
     python tools/bench.py ort    [--models ...] [--filter-layers last:4] [--batch 8]
         train-step time of one onnxruntime-training artifact (32x32, SGD): in ORT's training
         API vs compiled by gftvm, exact (BP) and with gradient filtering R2 (GF)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import platform
 import statistics
@@ -38,6 +40,10 @@ def parse_args() -> argparse.Namespace:
     steps.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     steps.add_argument("--train", nargs="+", default=["all", "last:4"])
     steps.add_argument("--image-size", type=int, default=32)
+    steps.add_argument("--filter-patch", type=int, nargs="*", default=[],
+                       help="also gradient-filtered steps (same layers as --train) with these R")
+    steps.add_argument("--csv", default="bench/results/steps.csv",
+                       help="rows, with the machine description and load in comments")
     ort = sub.add_parser("ort", help="an ORT artifact in ORT vs compiled by gftvm (BP, GF)")
     ort.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     ort.add_argument("--filter-layers", default="last:4")
@@ -60,41 +66,71 @@ def median_ms(run, repeat: int) -> float:
 
 
 def bench_steps(args: argparse.Namespace) -> None:
+    import copy
+
     import torch
 
     import gftvm
     from gftvm import models
     from gftvm.data import synthetic
+    from gftvm.reference import filter_convs
 
     images, labels = synthetic(args.batch, image_size=args.image_size)
     x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
-    print(f"{'model':18} {'train':8} {'gftvm ms':>10} {'torch ms':>10} {'torch/gftvm':>12}")
-    for name in args.models:
-        for spec in args.train:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                model = models.export_zoo_model(name, path, args.image_size, calibration=x_t)
-                artifact = gftvm.compile(path, trainable=spec, batch_size=args.batch,
-                                         optimizer="sgd", lr=1e-3, momentum=0.9)
-                artifact.save(tmp)
-                session = gftvm.runtime.load(tmp)
-            gftvm_ms = median_ms(lambda: session.step(images, labels), args.repeat)
+    print("gftvm: compiled step without tuned schedules; tuned: with schedules/host/ (count of "
+          "kernels with a record); torch: PyTorch eager, same math (GF: gftvm.reference)")
+    print(f"{'model':18} {'train':8} {'method':6} {'gftvm ms':>10} {'tuned ms':>10} "
+          f"{'kernels':>8} {'torch ms':>10} {'torch/gftvm':>12} {'torch/tuned':>12}")
+    rows = []
+    for name, spec, patch in itertools.product(args.models, args.train, [None, *args.filter_patch]):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            model = models.export_zoo_model(name, path, args.image_size, calibration=x_t)
+            options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3,
+                           momentum=0.9,
+                           filter=None if patch is None else gftvm.GradientFilter(patch, spec))
+            timings = {}
+            for schedules in (False, True):
+                artifact = gftvm.compile(path, schedules=schedules, **options)
+                tuned = artifact.manifest["tuned_kernels"]
+                if schedules and not tuned:
+                    break
+                artifact.save(os.path.join(tmp, str(schedules)))
+                session = gftvm.runtime.load(os.path.join(tmp, str(schedules)))
+                timings[schedules] = median_ms(lambda: session.step(images, labels),
+                                               args.repeat)
 
-            trained = set(artifact.manifest["trainable"])
-            for n, p in model.named_parameters():
-                p.requires_grad_(n in trained)
-            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                  momentum=0.9)
+        if patch is not None:
+            model = copy.deepcopy(model)
+            filter_convs(model, {layer["weight"].removesuffix(".weight"): layer["patch"]
+                                 for layer in artifact.manifest["gradient_filter"]["plan"]})
+        trained = set(artifact.manifest["trainable"])
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in trained)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                              momentum=0.9)
 
-            def torch_step() -> None:
-                loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        def torch_step() -> None:
+            loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
-            torch_ms = median_ms(torch_step, args.repeat)
-            print(f"{name:18} {spec:8} {gftvm_ms:10.1f} {torch_ms:10.1f} "
-                  f"{torch_ms / gftvm_ms:12.2f}", flush=True)
+        torch_ms = median_ms(torch_step, args.repeat)
+        method = "BP" if patch is None else f"GF R{patch}"
+        tuned_ms = timings.get(True)
+        tuned_cols = (f"{tuned_ms:10.1f} {tuned:8d}" if tuned_ms else f"{'-':>10} {0:8d}")
+        ratio = f"{torch_ms / tuned_ms:12.2f}" if tuned_ms else f"{'-':>12}"
+        print(f"{name:18} {spec:8} {method:6} {timings[False]:10.1f} {tuned_cols} "
+              f"{torch_ms:10.1f} {torch_ms / timings[False]:12.2f} {ratio}", flush=True)
+        rows.append([name, spec, method, round(timings[False], 3),
+                     round(tuned_ms, 3) if tuned_ms else "", tuned, round(torch_ms, 3)])
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        f.write(f"# {machine_description(args)}\n")
+        csv.writer(f).writerows([["model", "train", "method", "gftvm_ms", "tuned_ms",
+                                  "tuned_kernels", "torch_ms"], *rows])
+    print(f"wrote {args.csv}")
 
 
 def bench_ort(args: argparse.Namespace) -> None:
@@ -250,14 +286,22 @@ def plot_layers(rows: list[list], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def machine_description(args: argparse.Namespace) -> str:
+    import tvm
+
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"machine: {platform.machine()} ({tvm.target.codegen.llvm_get_system_cpu()}), "
+            f"{os.cpu_count()} cores, load average {load}; threads={args.threads}, "
+            f"batch={args.batch}, median of {args.repeat} runs")
+
+
 def main() -> int:
     args = parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; threads={args.threads}, "
-          f"batch={args.batch}, median of {args.repeat} runs")
+    print(machine_description(args))
     {"steps": bench_steps, "ort": bench_ort, "layers": bench_layers}[args.command](args)
     return 0
 

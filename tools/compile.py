@@ -25,43 +25,92 @@ import time
 
 import gftvm
 
+DEFAULT_BATCH, DEFAULT_LR = 8, 0.05
+#: Options of a forward model that an ORT artifact fixes itself.
+FORWARD_ONLY = ("train", "optimizer", "momentum", "weight_decay", "filter")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, several_patches: bool = False) -> None:
+    """The options that define a train step (shared with tools/tune.py, where
+    ``--filter-patch`` takes several patch sizes: one filtered step each, plus exact backprop)."""
+    parser.add_argument("model", nargs="?", help="forward ONNX model (default: bundled model)")
+    parser.add_argument("--target", default="host",
+                        help="host (this machine) or cortex-a72 (Raspberry Pi 4, aarch64)")
+    parser.add_argument("--train", default="all", help="'all', 'last:K' or comma-separated "
+                        "initializer names (default: all)")
+    parser.add_argument("--batch", type=int, help=f"batch size (default: {DEFAULT_BATCH})")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--lr", type=float, help=f"learning rate (default: {DEFAULT_LR})")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    if several_patches:
+        parser.add_argument("--filter-patch", type=int, nargs="+", default=[], metavar="R",
+                            help="also the gradient-filtered steps with these patch sizes")
+    else:
+        parser.add_argument("--filter-patch", type=int, metavar="R",
+                            help="gradient filtering with patch size R (default: exact backprop)")
+    parser.add_argument("--filter-layers", default="last:4", metavar="LAYERS",
+                        help="'last:K' or comma-separated ONNX Conv node names (default last:4)")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="input size of the bundled model (default: 32)")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", nargs="?", help="forward ONNX model (default: bundled model)")
+    add_model_arguments(parser)
     parser.add_argument("--from-ort", metavar="DIR", help="an onnxruntime-training artifact "
                         "directory (training_model.onnx, eval_model.onnx, optimizer_model.onnx, "
                         "checkpoint) instead of a forward model")
-    parser.add_argument("--target", default="host",
-                        help="host (this machine) or cortex-a72 (Raspberry Pi 4, aarch64)")
-    parser.add_argument("--train", help="'all', 'last:K' or comma-separated "
-                        "initializer names (default: all)")
-    parser.add_argument("--batch", type=int, help="batch size (default: 8)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"])
-    parser.add_argument("--lr", type=float, help="learning rate (default: 0.05)")
-    parser.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    parser.add_argument("--weight-decay", type=float, help="(default: 0)")
-    parser.add_argument("--filter-patch", type=int, metavar="R",
-                        help="gradient filtering with patch size R (default: exact backprop)")
-    parser.add_argument("--filter-layers", default="last:4", metavar="LAYERS",
-                        help="'last:K' or comma-separated ONNX Conv node names (default last:4)")
     parser.add_argument("--filter", choices=["auto"],
                         help="auto: choose the filter plan under --budget-ms (FLASH's SHGO)")
     parser.add_argument("--budget-ms", type=float, help="modelled train-step budget for "
                         "--filter auto")
     parser.add_argument("--latency", help="latency measurements for --filter auto (default "
                         "docs/flash/TARGET_latency.json)")
-    parser.add_argument("--image-size", type=int, default=32,
-                        help="input size of the bundled model (default: 32)")
     parser.add_argument("-o", "--output", default="out/artifact", help="artifact directory")
     return parser.parse_args(argv)
 
 
-FORWARD_DEFAULTS = {"train": "all", "batch": 8, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9,
-                    "weight_decay": 0.0}
+def model_path(args: argparse.Namespace, directory: str, log) -> str:
+    """The ONNX model of the arguments: given, or the bundled one exported into ``directory``."""
+    if args.model is not None:
+        return args.model
+    import torch
+
+    from gftvm import models
+    from gftvm.data import synthetic
+
+    os.makedirs(directory, exist_ok=True)
+    model = os.path.join(directory, "model.onnx")
+    log(f"exporting the bundled model {models.DEFAULT_MODEL} "
+        f"({args.image_size}x{args.image_size}, BN calibrated on generated data) to {model}")
+    images, _ = synthetic(64, image_size=args.image_size, seed=0)
+    models.export_zoo_model(models.DEFAULT_MODEL, model, args.image_size,
+                            calibration=torch.from_numpy(images))
+    return model
 
 
-def auto_filter(model: str, trainable, args: argparse.Namespace, log
+def gradient_filter(args: argparse.Namespace, patch: int | None) -> gftvm.GradientFilter | None:
+    """The filter of patch ``patch`` on --filter-layers (None: exact backprop)."""
+    if patch is None:
+        return None
+    layers = args.filter_layers if args.filter_layers.startswith("last:") \
+        else args.filter_layers.split(",")
+    return gftvm.GradientFilter(patch, layers)
+
+
+def step_options(args: argparse.Namespace, filter_patch: int | None) -> dict:
+    """Keyword arguments of gftvm.compile for the arguments, with gradient filtering of patch
+    ``filter_patch`` (None: exact backprop)."""
+    trainable = args.train if args.train == "all" or args.train.startswith("last:") \
+        else args.train.split(",")
+    return dict(trainable=trainable, batch_size=args.batch or DEFAULT_BATCH,
+                optimizer=args.optimizer, lr=DEFAULT_LR if args.lr is None else args.lr,
+                momentum=args.momentum, weight_decay=args.weight_decay,
+                filter=gradient_filter(args, filter_patch))
+
+
+def auto_filter(model: str, options: dict, args: argparse.Namespace, log
                 ) -> gftvm.GradientFilter | None:
     """The plan of --filter auto (None: the exact step fits the budget)."""
     import json
@@ -78,7 +127,7 @@ def auto_filter(model: str, trainable, args: argparse.Namespace, log
     except OSError as err:
         raise gftvm.ConfigError(f"--filter auto needs train-step measurements for target "
                                 f"{args.target}: {err} (tools/search.py measure)") from err
-    costs = filter_search.layer_costs(model, trainable, args.batch)
+    costs = filter_search.layer_costs(model, options["trainable"], options["batch_size"])
     choice = filter_search.choose_filter(costs, ms_per_mac, args.budget_ms)
     exact = filter_search.modelled_ms(costs, ms_per_mac)
     if choice is None:
@@ -89,74 +138,39 @@ def auto_filter(model: str, trainable, args: argparse.Namespace, log
     return filter_search.gradient_filter(costs, choice)
 
 
+def compile_artifact(args: argparse.Namespace, log) -> gftvm.compiler.Artifact:
+    """The artifact of the arguments: a forward model's, or (--from-ort) an ORT artifact's."""
+    if args.from_ort:
+        defaults = vars(parse_args([]))
+        given = [f"--{name.replace('_', '-')}" for name in FORWARD_ONLY
+                 if getattr(args, name) != defaults[name]]
+        if given or args.model:
+            raise gftvm.ConfigError(f"{given or [args.model]} do not apply with --from-ort (the "
+                                    f"artifact holds the model, trained parameters and "
+                                    f"optimizer)")
+        from gftvm.compiler import ORT_DEFAULT_LR
+
+        return gftvm.compile(args.from_ort, target=args.target, batch_size=args.batch,
+                             lr=ORT_DEFAULT_LR if args.lr is None else args.lr,
+                             filter=gradient_filter(args, args.filter_patch), progress=log)
+    model = model_path(args, args.output, log)
+    options = step_options(args, args.filter_patch)
+    if args.filter == "auto":
+        options["filter"] = auto_filter(model, options, args, log)
+    return gftvm.compile(model, target=args.target, progress=log, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     log = lambda message: print(f"[{time.perf_counter() - start:6.1f}s] {message}", flush=True)
-    grad_filter = None
-    if args.filter_patch is not None:
-        layers = args.filter_layers if args.filter_layers.startswith("last:") \
-            else args.filter_layers.split(",")
-        grad_filter = gftvm.GradientFilter(args.filter_patch, layers)
-    if args.from_ort:
-        return compile_ort(args, grad_filter, log)
-    for name, value in FORWARD_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    model = args.model
-    if model is None:
-        from gftvm import models
-
-        os.makedirs(args.output, exist_ok=True)
-        model = os.path.join(args.output, "model.onnx")
-        import torch
-        from gftvm.data import synthetic
-
-        log(f"exporting the bundled model {models.DEFAULT_MODEL} "
-            f"({args.image_size}x{args.image_size}, BN calibrated on generated data) to {model}")
-        images, _ = synthetic(64, image_size=args.image_size, seed=0)
-        models.export_zoo_model(models.DEFAULT_MODEL, model, args.image_size,
-                                calibration=torch.from_numpy(images))
-    trainable = args.train if args.train == "all" or args.train.startswith("last:") \
-        else args.train.split(",")
     try:
-        if args.filter == "auto":
-            grad_filter = auto_filter(model, trainable, args, log)
-        artifact = gftvm.compile(model, target=args.target, trainable=trainable,
-                                 batch_size=args.batch, optimizer=args.optimizer, lr=args.lr,
-                                 momentum=args.momentum, weight_decay=args.weight_decay,
-                                 filter=grad_filter, progress=log)
+        artifact = compile_artifact(args, log)
         artifact.save(args.output)
     except gftvm.GftvmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return finish(artifact, args.output, log)
-
-
-def compile_ort(args: argparse.Namespace, grad_filter, log) -> int:
-    """--from-ort: compile an onnxruntime-training artifact directory."""
-    given = [f"--{name.replace('_', '-')}" for name in ("train", "optimizer", "momentum",
-                                                       "weight_decay", "filter")
-             if getattr(args, name) is not None]
-    if given or args.model:
-        print(f"error: {given or [args.model]} do not apply with --from-ort (the artifact holds "
-              f"the model, trained parameters and optimizer)", file=sys.stderr)
-        return 2
-    from gftvm.compiler import ORT_DEFAULT_LR, compile_ort as compile_artifact
-
-    try:
-        artifact = compile_artifact(args.from_ort, target=args.target, batch_size=args.batch,
-                                    lr=ORT_DEFAULT_LR if args.lr is None else args.lr,
-                                    filter=grad_filter, progress=log)
-        artifact.save(args.output)
-    except gftvm.GftvmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return finish(artifact, args.output, log)
-
-
-def finish(artifact, output: str, log) -> int:
-    log(f"saved the artifact to {output}")
+    log(f"saved the artifact to {args.output}")
     print(artifact.summary())
     return 0
 

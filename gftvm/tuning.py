@@ -1,0 +1,261 @@
+"""Tuned schedules: MetaSchedule tuning of a train step's kernels, the per-target databases in
+``schedules/<target>/`` and how ``gftvm.compile`` applies them.
+
+A kernel is a PrimFunc of the train-step module after legalization, exactly as
+``tvm.compile``'s default pipeline lowers it (on CPU it legalizes each Relax op to one PrimFunc
+and does not fuse). Tuning and applying both start from :func:`lower`, so a record's workload is
+the PrimFunc that compilation meets. A database directory holds MetaSchedule's JSONDatabase
+files; :func:`merge` keeps the best record per workload, :func:`prune` drops workloads no given
+train step uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import psutil
+import tvm
+from tvm import relax, s_tir
+from tvm.s_tir import meta_schedule as ms
+from tvm.ir.utils import derived_object
+
+from .errors import ConfigError
+from .targets import AARCH64_CXX, TargetSpec
+
+SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+SCHEDULED_ATTR = "tirx.is_scheduled"
+
+
+def tuning_target(spec: TargetSpec) -> tvm.target.Target:
+    """The target to tune for: the compile target, with the core count MetaSchedule needs
+    (the physical cores here, for ``host``)."""
+    target = spec.tvm_target()
+    if "num-cores" in target.attrs:
+        return target
+    return tvm.target.Target({**target.export(), "num-cores": psutil.cpu_count(logical=False)})
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize every Relax op to a TIR kernel, as the start of ``tvm.compile`` does."""
+    with target:
+        return tvm.transform.Sequential([*relax.pipeline.library_dispatch_passes(target),
+                                         relax.transform.LegalizeOps()])(mod)
+
+
+def open_database(directory: str | os.PathLike) -> ms.database.JSONDatabase:
+    """The JSON database in ``directory`` (created empty if missing)."""
+    os.makedirs(directory, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=os.fspath(directory))
+
+
+def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
+                 say: Callable[[str], None]) -> ms.database.JSONDatabase | None:
+    """The database ``gftvm.compile`` applies: ``schedules/<target>/`` when ``schedules`` is
+    True and it holds records, a given directory, or None."""
+    if schedules is False:
+        return None
+    directory = SCHEDULES / spec.name if schedules is True else Path(schedules)
+    if not (directory / RECORDS).is_file():
+        if schedules is not True:
+            raise ConfigError(f"schedules={os.fspath(schedules)!r}: no tuning database "
+                              f"({RECORDS}) in that directory")
+        return None
+    say(f"applying tuned schedules from {directory}")
+    return open_database(directory)
+
+
+def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
+                   database: ms.database.Database | None) -> tuple[relax.Executable, int]:
+    """``tvm.compile`` the module, with the database's schedules for the kernels it has records
+    for. Returns the executable and the number of kernels that got a tuned schedule."""
+    if database is None:
+        return tvm.compile(mod, target=target), 0
+    with target, database:
+        scheduled = relax.transform.MetaScheduleApplyDatabase()(lower(mod, target))
+    tuned = sum(1 for func in scheduled.functions.values()
+                if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+                and SCHEDULED_ATTR in func.attrs)
+    return tvm.compile(scheduled, target=target), tuned
+
+
+def extract_tasks(mods: Iterable[tvm.IRModule], target: tvm.target.Target
+                  ) -> list[ms.ExtractedTask]:
+    """The distinct kernels of the modules (after :func:`lower`), with their call counts summed
+    over all modules as weights."""
+    seen = ms.database.MemoryDatabase()
+    workloads: list[ms.database.Workload] = []
+    tasks: list[ms.ExtractedTask] = []
+    weights: list[int] = []
+    for mod in mods:
+        for task in ms.relax_integration.extract_tasks(lower(mod, target), target):
+            workload = seen.commit_workload(task.dispatched[0])
+            index = next((i for i, w in enumerate(workloads) if w.same_as(workload)), None)
+            if index is None:
+                workloads.append(workload)
+                tasks.append(task)
+                weights.append(int(task.weight))
+            else:
+                weights[index] += int(task.weight)
+    return [ms.ExtractedTask(t.task_name, t.mod, t.target, list(t.dispatched), w)
+            for t, w in zip(tasks, weights)]
+
+
+def heaviest(tasks: list[ms.ExtractedTask], count: int) -> list[ms.ExtractedTask]:
+    """The ``count`` tasks with the most floating-point work per step (FLOPs x calls)."""
+    work = lambda task: s_tir.analysis.estimate_tir_flops(task.dispatched[0]) * task.weight
+    return sorted(tasks, key=work, reverse=True)[:count]
+
+
+def without_records(tasks: list[ms.ExtractedTask], directory: str | os.PathLike
+                    ) -> list[ms.ExtractedTask]:
+    """The tasks whose kernel has no record in the database of ``directory`` (if any)."""
+    if not (Path(directory) / RECORDS).is_file():
+        return tasks
+    database = open_database(directory)
+    return [t for t in tasks if not database.has_workload(t.dispatched[0])]
+
+
+def export_aarch64(module: tvm.runtime.Module) -> str:
+    """MetaSchedule builder export for boards: a shared library linked by the cross compiler,
+    so the board needs no compiler."""
+    path = os.path.join(tempfile.mkdtemp(), "kernel.so")
+    module.export_library(path, fcompile=tvm.support.cc.cross_compiler(AARCH64_CXX))
+    return path
+
+
+def builder(spec: TargetSpec, jobs: int) -> ms.builder.LocalBuilder:
+    if spec.cross_compiled and not shutil.which(AARCH64_CXX):
+        raise ConfigError(f"target {spec.name} needs the cross compiler {AARCH64_CXX}")
+    # Generous timeouts: each build starts a worker that imports TVM, slow on a busy machine.
+    return ms.builder.LocalBuilder(max_workers=jobs, timeout_sec=300,
+                                   f_export=export_aarch64 if spec.cross_compiled else None)
+
+
+def runner(tracker: str | None, key: str | None, repeat: int = 3) -> ms.runner.Runner:
+    """The local runner, or an RPC runner through a tracker (``HOST:PORT``) for the board
+    registered under ``key``."""
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=repeat, min_repeat_ms=20,
+                                          enable_cpu_cache_flush=False)
+    if tracker is None:
+        return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=120)
+    host, _, port = tracker.rpartition(":")
+    if not host or not port.isdigit() or not key:
+        raise ConfigError(f"rpc tracker {tracker!r} / key {key!r}: expected HOST:PORT and a key")
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+                                 session_timeout_sec=120)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+
+
+@derived_object
+class Progress(ms.measure_callback.PyMeasureCallback):
+    """Reports each measured batch: trials so far, the task and its best time."""
+
+    def __init__(self, names: list[str], total: int, say: Callable[[str], None]) -> None:
+        super().__init__()
+        self.names, self.total, self.say = names, total, say
+        self.done = 0
+        self.best = [float("inf")] * len(names)
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+              runner_results) -> None:
+        self.done += len(runner_results)
+        times = [sum(r.run_secs) / len(r.run_secs) for r in runner_results
+                 if r.error_msg is None and r.run_secs]
+        failed = len(runner_results) - len(times)
+        self.best[task_id] = min([self.best[task_id], *(float(t) for t in times)])
+        best = "no valid run" if self.best[task_id] == float("inf") \
+            else f"best {self.best[task_id] * 1e3:.3f} ms"
+        self.say(f"trials {self.done:5d}/{self.total}  task {task_id + 1:3d}/{len(self.names)} "
+                 f"{self.names[task_id][:40]:40} {best}" + (f" ({failed} failed)" if failed
+                                                             else ""))
+
+
+def tune(tasks: list[ms.ExtractedTask], work_dir: str | os.PathLike, trials: int,
+         builder: ms.builder.Builder, runner: ms.runner.Runner,
+         say: Callable[[str], None] = print, seed: int | None = None, verbose: bool = False
+         ) -> ms.database.JSONDatabase:
+    """Tune the tasks with MetaSchedule's evolutionary search for ``trials`` measurements in all,
+    recording into the JSON database of ``work_dir``. A work directory that already holds a
+    database resumes: its records seed the search, and new ones are appended. MetaSchedule's
+    own log goes to ``work_dir/logs`` (and to the console when ``verbose``)."""
+    work_dir = os.fspath(work_dir)
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.INFO if verbose
+                                                           else logging.WARNING)
+    database = open_database(work_dir)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        tasks, work_dir, seed=seed)
+    per_iter = max(1, min(64, trials // max(1, len(tasks))))
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                 Progress([t.task_name for t in tasks], trials, say)]
+    return ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                              max_trials_global=trials, num_trials_per_iter=per_iter,
+                              builder=builder, runner=runner, database=database,
+                              measure_callbacks=callbacks)
+
+
+def _write(directory: str | os.PathLike, fill: Callable[[ms.database.Database], None]) -> int:
+    """Build a new database with ``fill`` and replace ``directory`` with it. Returns the number
+    of records written."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    tmp.chmod(0o755)
+    fill(open_database(tmp))
+    count = len(open_database(tmp).get_all_tuning_records())
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return count
+
+
+def _copy_best(sources: Iterable[ms.database.Database], out: ms.database.Database,
+               keep: Callable[[tvm.IRModule], bool] = lambda mod: True) -> None:
+    pooled = ms.database.MemoryDatabase()
+    workloads = []
+    for source in sources:
+        for record in source.get_all_tuning_records():
+            if not keep(record.workload.mod):
+                continue
+            fresh = not pooled.has_workload(record.workload.mod)
+            workload = pooled.commit_workload(record.workload.mod)
+            if fresh:
+                workloads.append(workload)
+            pooled.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, workload, record.run_secs, record.target, record.args_info))
+    for workload in workloads:
+        for best in pooled.get_top_k(workload, 1):
+            target_workload = out.commit_workload(workload.mod)
+            out.commit_tuning_record(ms.database.TuningRecord(
+                best.trace, target_workload, best.run_secs, best.target, best.args_info))
+
+
+def merge(sources: list[str | os.PathLike], destination: str | os.PathLike) -> int:
+    """Merge databases into ``destination`` (its own records included), keeping the fastest
+    record per workload. Returns the number of records kept."""
+    for source in sources:
+        if not (Path(source) / RECORDS).is_file():
+            raise ConfigError(f"{os.fspath(source)}: no tuning database ({RECORDS})")
+    databases = [open_database(s) for s in [*sources, destination]
+                 if (Path(s) / RECORDS).is_file()]
+    return _write(destination, lambda out: _copy_best(databases, out))
+
+
+def prune(directory: str | os.PathLike, tasks: list[ms.ExtractedTask]) -> int:
+    """Keep only the best record of each workload that one of ``tasks`` uses. Returns the
+    number of records kept."""
+    if not (Path(directory) / RECORDS).is_file():
+        raise ConfigError(f"{os.fspath(directory)}: no tuning database ({RECORDS})")
+    used = ms.database.MemoryDatabase()
+    for task in tasks:
+        used.commit_workload(task.dispatched[0])
+    database = open_database(directory)
+    return _write(directory, lambda out: _copy_best([database], out, used.has_workload))

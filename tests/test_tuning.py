@@ -1,0 +1,106 @@
+"""Tuning end to end: tools/tune.py measures through an RPC tracker and server on loopback,
+the next compile applies the record, and the tuned train step still matches PyTorch."""
+
+import pytest
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+import gftvm
+from gftvm import models, targets, tuning
+from reference import check_parity, export
+from test_device_tools import free_port
+from test_tools import run
+
+IMAGE = 8
+
+
+def tiny_conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    models.calibrate_batchnorm(model, torch.randn(16, 3, IMAGE, IMAGE))
+    return model
+
+
+@pytest.fixture(scope="module")
+def rpc_tracker():
+    """A tracker and a server registered with it under key ``loopback``, on 127.0.0.1."""
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    tracker_port = free_port()
+    tracker = Tracker("127.0.0.1", port=tracker_port, port_end=tracker_port + 1, silent=True)
+    server_port = free_port()
+    server = Server("127.0.0.1", port=server_port, port_end=server_port + 1, key="loopback",
+                    tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    yield f"127.0.0.1:{tracker.port}"
+    server.terminate()
+    tracker.terminate()
+
+
+@pytest.fixture(scope="module")
+def tuned(rpc_tracker, tmp_path_factory):
+    """The tiny net tuned for a few trials (its conv2d_transpose kernel) through the tracker."""
+    tmp = tmp_path_factory.mktemp("tune")
+    model = tiny_conv_net()
+    path = export(model, tmp / "tiny.onnx", IMAGE)
+    database = tmp / "schedules"
+    out = run("tune.py", "tune", str(path), "--train", "all", "--batch", "4",
+              "--ops", "conv2d_transpose", "--trials", "2", "--work-dir", str(tmp / "work"),
+              "--rpc-tracker", rpc_tracker, "--rpc-key", "loopback", "-o", str(database))
+    assert "trials     2/2" in out
+    return model, path, database
+
+
+def test_tuned_record_is_applied_and_step_matches_pytorch(tuned, tmp_path):
+    model, path, database = tuned
+    records = tuning.open_database(database).get_all_tuning_records()
+    assert len(records) == 1 and records[0].run_secs  # measured on the RPC server
+    (tmp_path / "m").mkdir()
+    session = check_parity(model, export(model, tmp_path / "m" / "tiny.onnx", IMAGE), "all",
+                           "sgd", image_size=IMAGE, schedules=database)
+    assert session.manifest["tuned_kernels"] == 1
+    untuned = gftvm.compile(path, trainable="all", batch_size=4, schedules=False)
+    assert untuned.manifest["tuned_kernels"] == 0
+
+
+def test_tuned_kernel_differs_from_untuned(tuned):
+    _, path, database = tuned
+    program = gftvm.compiler.build_program(path, trainable="all", batch_size=4)
+    target = targets.get("host").tvm_target()
+    lowered = tuning.lower(program.mod, target)
+    with target, tuning.open_database(database):
+        scheduled = relax.transform.MetaScheduleApplyDatabase()(lowered)
+    changed = [gv.name_hint for gv, func in scheduled.functions.items()
+               if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+               and tuning.SCHEDULED_ATTR in func.attrs]
+    assert len(changed) == 1 and changed[0].startswith("conv2d_transpose")
+    assert not lowered[changed[0]].same_as(scheduled[changed[0]])
+    assert str(lowered[changed[0]]) != str(scheduled[changed[0]])
+
+
+def test_merge_keeps_best_and_prune_drops_unused(tuned, tmp_path):
+    _, path, database = tuned
+    merged = tmp_path / "merged"
+    run("tune.py", "merge", str(database), str(database), "-o", str(merged))
+    records = tuning.open_database(merged).get_all_tuning_records()
+    assert len(records) == 1  # one workload, the same record twice: the best is kept once
+    other = export(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(4 * IMAGE * IMAGE,
+                                                                           10)),
+                   tmp_path / "other.onnx", IMAGE)
+    run("tune.py", "prune", str(merged), str(other), "--train", "all", "--batch", "4")
+    assert tuning.open_database(merged).get_all_tuning_records() == []
+    run("tune.py", "merge", str(database), "-o", str(merged))
+    run("tune.py", "prune", str(merged), str(path), "--train", "all", "--batch", "4")
+    assert len(tuning.open_database(merged).get_all_tuning_records()) == 1
+
+
+def test_schedules_option_errors(tuned, tmp_path):
+    _, path, _ = tuned
+    with pytest.raises(gftvm.ConfigError, match="no tuning database"):
+        gftvm.compile(path, trainable="all", batch_size=4, schedules=tmp_path)
+    with pytest.raises(gftvm.ConfigError, match="HOST:PORT"):
+        tuning.runner("nohost", "key")
