@@ -3,12 +3,18 @@
 runtime on a differently distributed partition, evaluate with the compiled ``predict``.
 
     python tools/finetune.py --model mcunet --train last:4 [--patch 2] --seed 0 --out runs/
+        [--frontend ort --momentum 0]
 
 Data: scikit-learn's digits upsampled to 32×32 (``--data digits``), or CIFAR-10 python batches
 (``--data cifar:DIR``). The pretraining partition holds 80% of classes 0-4 and 20% of 5-9, the
 fine-tuning partition the rest, split 70/30 into train and test (gftvm.data.non_iid_split).
 BatchNorm runs in eval mode while fine-tuning (gftvm's policy). Pretrained weights are cached
 per (model, seed, data) under OUT/pretrained/. Writes one JSON record per run to OUT.
+
+``--frontend ort`` runs the same protocol through an onnxruntime-training artifact of the
+pretrained model (gftvm.frontend.ort.generate_artifacts, the non-trained parameters frozen),
+compiled by gftvm's ORT frontend. ORT's artifact has plain SGD (no momentum: give
+``--momentum 0``) and trains BatchNorm on batch statistics, as ORT defines it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--frontend", choices=["onnx", "ort"], default="onnx",
+                        help="forward ONNX export, or an onnxruntime-training artifact")
     parser.add_argument("--limit", type=int, default=0, help="use at most N samples per split "
                         "(smoke tests)")
     parser.add_argument("--out", default="runs")
@@ -105,18 +114,40 @@ def accuracy(session: gftvm.runtime.Session, x: np.ndarray, y: np.ndarray) -> fl
     return correct / len(x)
 
 
+def compile_finetune(args: argparse.Namespace, model: torch.nn.Module, workdir: str) -> None:
+    """Export the pretrained model (forward ONNX, or an ORT artifact) and compile its train step
+    into ``workdir``."""
+    os.makedirs(workdir, exist_ok=True)
+    onnx_path = os.path.join(workdir, "model.onnx")
+    models.export_onnx(model, onnx_path, (1, 3, 32, 32))
+    grad_filter = gftvm.GradientFilter(args.patch, args.train) if args.patch else None
+    if args.frontend == "onnx":
+        gftvm.compile(onnx_path, trainable=args.train, batch_size=args.batch, optimizer="sgd",
+                      lr=args.lr, momentum=args.momentum, filter=grad_filter).save(workdir)
+        return
+    if args.momentum != 0:
+        raise SystemExit("--frontend ort: ORT's SGD has no momentum; give --momentum 0")
+    import onnx
+
+    from gftvm import trainable
+    from gftvm.frontend import ort
+
+    trained = set(trainable.resolve(onnx.load(onnx_path), args.train))
+    ort_dir = os.path.join(workdir, "ort")
+    ort.generate_artifacts(model, ort_dir, (args.batch, 3, 32, 32), "sgd",
+                           frozen=[n for n, _ in model.named_parameters() if n not in trained])
+    gftvm.compile(ort_dir, lr=args.lr, filter=grad_filter).save(workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     parts = partitions(*load(args.data), args.limit)
     model = pretrain(args, *parts["pretrain"])
     name = f"{args.model}-{args.train.replace(':', '')}-{'R%d' % args.patch if args.patch else 'BP'}"
+    if args.frontend == "ort":
+        name += "-ort"
     workdir = os.path.join(args.out, "artifacts", f"{name}-s{args.seed}")
-    os.makedirs(workdir, exist_ok=True)
-    models.export_onnx(model, os.path.join(workdir, "model.onnx"), (1, 3, 32, 32))
-    grad_filter = gftvm.GradientFilter(args.patch, args.train) if args.patch else None
-    gftvm.compile(os.path.join(workdir, "model.onnx"), trainable=args.train,
-                  batch_size=args.batch, optimizer="sgd", lr=args.lr, momentum=0.9,
-                  filter=grad_filter).save(workdir)
+    compile_finetune(args, model, workdir)
     session = gftvm.runtime.load(workdir)
 
     (x, y), (x_test, y_test) = parts["train"], parts["test"]
@@ -141,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = session.manifest
     record = {
         "model": args.model, "train": args.train, "patch": args.patch, "seed": args.seed,
-        "data": args.data, "epochs": args.epochs, "batch": args.batch, "lr": args.lr,
+        "frontend": args.frontend, "data": args.data, "epochs": args.epochs,
+        "batch": args.batch, "lr": args.lr, "momentum": args.momentum,
         "accuracy_before": before, "accuracy": accuracies[-1], "accuracy_per_epoch": accuracies,
         "loss_per_epoch": losses, "conv_backward_macs": manifest["conv_backward_macs"],
         "saved_context_bytes": manifest["saved_context_bytes"],

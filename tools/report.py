@@ -3,7 +3,7 @@
 
     python tools/report.py RUNS_DIR [-o docs/accuracy_table.md] [--plots docs/]
 
-Rows: models. Columns: BP all, BP L2, BP L4, GF R2 L2, GF R2 L4, GF R4 L4. Each cell:
+Rows: models (a model fine-tuned through the ORT frontend is a row of its own). Columns: BP all, BP L2, BP L4, GF R2 L2, GF R2 L4, GF R4 L4. Each cell:
 mean ± std top-1 accuracy over seeds (and the seed count), conv backward MACs per step, and
 the bytes the forward keeps for the backward (both measured from the compiled module).
 """
@@ -32,7 +32,8 @@ def load_runs(directory: str) -> dict[tuple[str, str], list[dict]]:
             record = json.load(f)
         label = labels.get((record["train"], record["patch"]))
         if label:
-            groups[record["model"], label].append(record)
+            row = record["model"] + (" (ORT artifact)" if record.get("frontend") == "ort" else "")
+            groups[row, label].append(record)
     return groups
 
 
