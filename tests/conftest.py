@@ -1,7 +1,12 @@
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
 import gftvm
-from reference import export, prepared_model
+from reference import export, free_port, prepared_model
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +21,25 @@ def artifact_dir(mcunet_onnx, tmp_path_factory):
     gftvm.compile(mcunet_onnx, trainable="last:4", batch_size=4, optimizer="sgd", lr=0.01,
                   momentum=0.9).save(directory)
     return directory
+
+
+@pytest.fixture
+def rpc_server():
+    """A TVM RPC server on 127.0.0.1 (this machine as the board); yields its address."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host",
+                               "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)])
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert server.poll() is None, "the RPC server exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "the RPC server did not start in 60 s"
+                time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 
 import numpy as np
 import torch
@@ -114,3 +115,9 @@ def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: 
     assert any(not np.array_equal(value, initial[name])
                for name, value in session.parameters().items())
     return session
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

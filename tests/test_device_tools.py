@@ -2,10 +2,8 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -35,30 +33,8 @@ def test_train_cli_reports_bad_data(artifact_dir, tmp_path, capsys):
     assert "expected an .npz with arrays 'x' and 'y'" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_measure_over_rpc_loopback(artifact_dir):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host",
-                               "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)])
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert server.poll() is None, "the RPC server exited"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        out = run("measure.py", str(artifact_dir), "--rpc", f"127.0.0.1:{port}", "--repeat",
-                  "2", "--json")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def test_measure_over_rpc_loopback(artifact_dir, rpc_server):
+    out = run("measure.py", str(artifact_dir), "--rpc", rpc_server, "--repeat", "2", "--json")
     result = json.loads(out.strip().splitlines()[-1])
     assert result["target"] == "host" and result["step_ms"] > 0
 

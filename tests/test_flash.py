@@ -2,10 +2,8 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import onnx
@@ -27,7 +25,6 @@ from gftvm.flash.hardware import (FEATURES, LatencyModel, features, layer_featur
 from gftvm.flash.predictor import AccuracyPredictor
 from gftvm.flash.search import Problem, _max_linear, exhaustive, hierarchical_shgo
 from reference import check_parity
-from test_device_tools import free_port
 
 TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools")
 TINY = space.Config((4, 6, 8), (3, 1, 4), (3, 0, 5))
@@ -226,29 +223,14 @@ def test_compile_cli_filter_auto(tmp_path):
     assert [layer["node"] for layer in plan] == costs.nodes[-1:]
 
 
-def test_measure_cli_over_rpc_loopback(tmp_path):
+def test_measure_cli_over_rpc_loopback(tmp_path, rpc_server):
     """The board path (tools/measure.py's functions), with this machine as the board."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host",
-                               "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)])
-    try:
-        for _ in range(120):
-            assert server.poll() is None, "the RPC server exited"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        out = subprocess.run([sys.executable, os.path.join(TOOLS, "search.py"), "measure",
-                              "--count", "1", "--repeat", "2", "--rpc", f"127.0.0.1:{port}",
-                              "-o", str(tmp_path / "latency.json")], capture_output=True,
-                             text=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    out = subprocess.run([sys.executable, os.path.join(TOOLS, "search.py"), "measure",
+                          "--count", "1", "--repeat", "2", "--rpc", rpc_server,
+                          "-o", str(tmp_path / "latency.json")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "latency.json").read_text())
-    assert result["board"] == f"127.0.0.1:{port}" and result["rows"][0]["step_ms"] > 0
+    assert result["board"] == rpc_server and result["rows"][0]["step_ms"] > 0
 
 
 def test_cli_search_reports_budgets_nothing_fits(capsys, monkeypatch):

@@ -9,8 +9,7 @@ from tvm import relax
 
 import gftvm
 from gftvm import models, targets, tuning
-from reference import check_parity, export
-from test_device_tools import free_port
+from reference import check_parity, export, free_port
 from test_tools import run
 
 IMAGE = 8

@@ -20,10 +20,11 @@ import csv
 import itertools
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
+
+from gftvm.timing import median_ms
 
 # (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
 PAPER_SHAPES = [(128, 120, 160), (256, 60, 80), (512, 30, 40), (512, 14, 14), (256, 14, 14),
@@ -52,17 +53,6 @@ def parse_args() -> argparse.Namespace:
     layers.add_argument("--csv", default="out/bench_layers.csv")
     layers.add_argument("--plot", default="out/bench_layers.png")
     return parser.parse_args()
-
-
-def median_ms(run, repeat: int) -> float:
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def bench_steps(args: argparse.Namespace) -> None:

@@ -9,15 +9,13 @@ times the same artifact over TVM RPC (``tools/search.py measure --rpc ...``).
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 
 import gftvm
 from gftvm import models
 
+from ..timing import median_ms
 from .space import Config, build
 
 
@@ -51,16 +49,6 @@ def planned_activation_bytes(config: Config, batch: int = 1, image_size: int = 3
     return planned_storage_bytes(forward, "main")
 
 
-def _median_ms(run: Callable[[], object], repeat: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def time_host(artifact: str, repeat: int = 10) -> dict[str, float]:
     """Median ms of ``predict`` and of one ``train_step`` of a host artifact."""
     session = gftvm.runtime.load(artifact)
@@ -68,5 +56,5 @@ def time_host(artifact: str, repeat: int = 10) -> dict[str, float]:
     rng = np.random.default_rng(0)
     x = rng.random(spec["shape"], dtype=np.float32)
     y = rng.integers(0, session.manifest["num_classes"], spec["shape"][0])
-    return {"predict_ms": _median_ms(lambda: session.predict(x), repeat),
-            "step_ms": _median_ms(lambda: session.step(x, y), repeat)}
+    return {"predict_ms": median_ms(lambda: session.predict(x), repeat),
+            "step_ms": median_ms(lambda: session.step(x, y), repeat)}
