@@ -20,3 +20,19 @@ def test_short_filtered_finetune_learns_and_reports(tmp_path):
     table = run("report.py", str(tmp_path), "--plots", str(tmp_path / "plots"))
     assert f"{record['accuracy'] * 100:.1f} ± 0.0 (n=1)" in table
     assert (tmp_path / "plots" / "accuracy_vs_macs.png").stat().st_size > 0
+
+
+def test_finetune_through_an_ort_artifact_learns_and_is_its_own_row(tmp_path):
+    """--frontend ort: the same loop from an onnxruntime-training artifact of the model."""
+    run("finetune.py", "--model", "mcunet", "--train", "last:4", "--patch", "2",
+        "--frontend", "ort", "--momentum", "0", "--pretrain-epochs", "3", "--epochs", "4",
+        "--limit", "300", "--batch", "16", "--lr", "0.005", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "mcunet-last4-R2-ort-s0.json").read_text())
+    manifest = json.loads((tmp_path / "artifacts" / "mcunet-last4-R2-ort-s0" / "manifest.json")
+                          .read_text())
+    assert manifest["frontend"] == "onnxruntime-training"
+    assert len(manifest["gradient_filter"]["plan"]) == 4
+    losses = record["loss_per_epoch"]
+    assert record["frontend"] == "ort" and losses[-1] < losses[0], losses
+    assert record["accuracy"] > 0.4, record
+    assert "| mcunet (ORT artifact) |" in run("report.py", str(tmp_path))
