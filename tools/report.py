@@ -3,7 +3,8 @@
 
     python tools/report.py RUNS_DIR [-o docs/accuracy_table.md] [--plots docs/]
 
-Rows: models (a model fine-tuned through the ORT frontend is a row of its own). Columns: BP all, BP L2, BP L4, GF R2 L2, GF R2 L4, GF R4 L4. Each cell:
+Rows: models (a model fine-tuned through the ORT frontend is a row of its own). Columns: BP
+all, BP L2, BP L4, GF R2 L2, GF R2 L4, GF R4 L4. Each cell:
 mean ± std top-1 accuracy over seeds (and the seed count), conv backward MACs per step, and
 the bytes the forward keeps for the backward (both measured from the compiled module).
 """
