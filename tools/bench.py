@@ -120,7 +120,9 @@ def bench_steps(args: argparse.Namespace) -> None:
         f.write(f"# {machine_description(args)}\n")
         csv.writer(f).writerows([["model", "train", "method", "gftvm_ms", "tuned_ms",
                                   "tuned_kernels", "torch_ms"], *rows])
-    print(f"wrote {args.csv}")
+    plot = os.path.splitext(args.csv)[0] + ".png"
+    plot_steps(rows, f"train step, {machine_description(args)}", plot)
+    print(f"wrote {args.csv} and {plot}")
 
 
 def bench_ort(args: argparse.Namespace) -> None:
@@ -257,12 +259,42 @@ def bench_layers(args: argparse.Namespace) -> None:
     print(f"wrote {args.csv} and {args.plot}")
 
 
-def plot_layers(rows: list[list], path: str) -> None:
+def pyplot():
+    """matplotlib.pyplot on the file-only backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_steps(rows: list[list], title: str, path: str) -> None:
+    """Grouped bars: ms per step of each method (gftvm untuned, tuned, PyTorch) per config."""
+    import numpy as np
+
+    plt = pyplot()
+    labels = [f"{model}\n{train} {method}" for model, train, method, *_ in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 4))
+    for offset, (column, name) in zip((-0.27, 0, 0.27), [(3, "gftvm untuned"),
+                                                          (4, "gftvm tuned"),
+                                                          (6, "PyTorch eager")]):
+        ms = [r[column] or 0 for r in rows]
+        bars = ax.bar(x + offset, ms, 0.27, label=name)
+        ax.bar_label(bars, [f"{v:.1f}" if v else "-" for v in ms], fontsize=7)
+    values = [v for r in rows for v in (r[3], r[4], r[6]) if v]
+    ax.set_yscale("log" if max(values) > 30 * min(values) else "linear")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("ms per train step")
+    ax.set_title(title, fontsize=7, pad=24)
+    ax.legend(fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_layers(rows: list[list], path: str) -> None:
+    plt = pyplot()
     labels = [f"{r[0]}ch {r[1]}x{r[2]} R{r[3]}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for column, name in [(4, "gftvm GF (compiled)"), (5, "PyTorch BP (oneDNN)"),
