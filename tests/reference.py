@@ -46,10 +46,12 @@ def torch_optimizer(params: list[nn.Parameter], manifest_optimizer: dict) -> tor
 
 
 def torch_steps(model: nn.Module, trainable: list[str], optimizer: dict,
-                batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[float], dict]:
-    """Train ``trainable`` parameters of ``model`` (BN in eval mode) on ``batches``; return the
-    losses and the final state_dict as numpy arrays."""
-    model.eval()
+                batches: list[tuple[np.ndarray, np.ndarray]], batch_statistics: bool = False
+                ) -> tuple[list[float], dict]:
+    """Train ``trainable`` parameters of ``model`` on ``batches``, BN in eval mode (or on batch
+    statistics, as ORT's training graphs do); return the losses and the final state_dict as
+    numpy arrays."""
+    model.train(batch_statistics)
     named = dict(model.named_parameters())
     for name, param in named.items():
         param.requires_grad_(name in trainable)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import tvm
 from onnxruntime.training import api as ort_api
-from reference import BATCH, prepared_model, random_batches
+from reference import BATCH, prepared_model, random_batches, torch_steps
 from torch import nn
 
 import gftvm
@@ -144,17 +144,10 @@ def test_gradient_filter_matches_eager_reference(mcunet_ort, tmp_path):
     assert len(plan) == 2
     reference = filter_convs(copy.deepcopy(model), {
         layer["weight"].removesuffix(".weight"): layer["patch"] for layer in plan})
-    reference.train()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
-    expected_losses = []
-    for x, y in batches:
-        loss = nn.functional.cross_entropy(reference(torch.from_numpy(x)), torch.from_numpy(y))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        expected_losses.append(loss.item())
+    expected_losses, expected = torch_steps(
+        reference, [name for name, _ in reference.named_parameters()],
+        {"name": "sgd", "lr": lr}, batches, batch_statistics=True)
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-4, atol=1e-5)
-    expected = {name: p.detach().numpy() for name, p in reference.named_parameters()}
     params = session.parameters()
     for name in session.manifest["trainable"]:
         np.testing.assert_allclose(params[name], expected[name], rtol=1e-4, atol=1e-5,
