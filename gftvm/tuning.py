@@ -1,10 +1,11 @@
 """Tuned schedules: MetaSchedule tuning of a train step's kernels, the per-target databases in
 ``schedules/<target>/`` and how ``gftvm.compile`` applies them.
 
-A kernel is a PrimFunc of the train-step module after legalization, exactly as
-``tvm.compile``'s default pipeline lowers it (on CPU it legalizes each Relax op to one PrimFunc
-and does not fuse). Tuning and applying both start from :func:`lower`, so a record's workload is
-the PrimFunc that compilation meets. A database directory holds MetaSchedule's JSONDatabase
+A kernel is a PrimFunc of the train-step module after legalization and fusion, exactly as
+``tvm.compile``'s default pipeline lowers it (each Relax op becomes a PrimFunc, then FuseOps and
+FuseTIR merge a conv with its BatchNorm/ReLU6 epilogue and chains of elementwise ops into one).
+Tuning and applying both start from :func:`lower`, so a record's workload is the PrimFunc that
+compilation meets. Kernels without a record get ``DefaultCPUSchedule``. A database directory holds MetaSchedule's JSONDatabase
 files; :func:`merge` keeps the best record per workload, :func:`prune` drops workloads no given
 train step uses.
 """
@@ -25,6 +26,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from .errors import ConfigError
+from .passes.default_schedule import DefaultCPUSchedule
 from .targets import AARCH64_CXX, TargetSpec
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
@@ -42,10 +44,11 @@ def tuning_target(spec: TargetSpec) -> tvm.target.Target:
 
 
 def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Legalize every Relax op to a TIR kernel, as the start of ``tvm.compile`` does."""
+    """Legalize every Relax op to a TIR kernel and fuse them, as the start of ``tvm.compile``
+    does."""
     with target:
         return tvm.transform.Sequential([*relax.pipeline.library_dispatch_passes(target),
-                                         relax.transform.LegalizeOps()])(mod)
+                                         *relax.pipeline.legalize_passes(target)])(mod)
 
 
 def open_database(directory: str | os.PathLike) -> ms.database.JSONDatabase:
@@ -71,17 +74,24 @@ def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
-                   database: ms.database.Database | None) -> tuple[relax.Executable, int]:
+                   database: ms.database.Database | None, default_schedule: bool = True
+                   ) -> tuple[relax.Executable, int]:
     """``tvm.compile`` the module, with the database's schedules for the kernels it has records
-    for. Returns the executable and the number of kernels that got a tuned schedule."""
-    if database is None:
-        return tvm.compile(mod, target=target), 0
-    with target, database:
-        scheduled = relax.transform.MetaScheduleApplyDatabase()(lower(mod, target))
-    tuned = sum(1 for func in scheduled.functions.values()
-                if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
-                and SCHEDULED_ATTR in func.attrs)
-    return tvm.compile(scheduled, target=target), tuned
+    for and ``DefaultCPUSchedule`` for the others (unless ``default_schedule`` is False: TVM's
+    naive loops). Returns the executable and the number of kernels that got a tuned
+    schedule."""
+    lowered = lower(mod, target)
+    tuned = 0
+    if database is not None:
+        with target, database:
+            lowered = relax.transform.MetaScheduleApplyDatabase()(lowered)
+        tuned = sum(1 for func in lowered.functions.values()
+                    if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+                    and SCHEDULED_ATTR in func.attrs)
+    if default_schedule:
+        with target:
+            lowered = DefaultCPUSchedule()(lowered)
+    return tvm.compile(lowered, target=target), tuned
 
 
 def extract_tasks(mods: Iterable[tvm.IRModule], target: tvm.target.Target

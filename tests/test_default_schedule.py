@@ -1,0 +1,114 @@
+"""DefaultCPUSchedule: the schedule it picks (Before/Expected) and numbers equal to the
+unscheduled kernels, for every kind of kernel a train step has."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, s_tir, tirx
+
+from gftvm import targets, tuning
+from gftvm.passes.default_schedule import SCHEDULED_ATTR, DefaultCPUSchedule, schedule_kernel
+
+#: Cortex-A72: 128-bit NEON, so 4 float lanes on every build machine.
+NEON = targets.get("cortex-a72").tvm_target()
+HOST = targets.get("host").tvm_target()
+
+
+def kernels(build, *shapes) -> tvm.IRModule:
+    """The fused, legalized kernels of a one-op Relax function ``build(*params)``."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"p{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(build(*params))
+        bb.emit_func_output(out)
+    return tuning.lower(bb.get(), HOST)
+
+
+def only_kernel(mod: tvm.IRModule) -> tirx.PrimFunc:
+    (func,) = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
+    return func
+
+
+def test_elementwise_innermost_row_vectorized():
+    before = only_kernel(kernels(lambda a, b: relax.op.add(a, b), (4, 32), (4, 32)))
+    sch = s_tir.Schedule(before)
+    _, j = sch.get_loops(sch.get_sblock("T_add"))
+    sch.vectorize(sch.split(j, [None, 4])[1])
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
+def test_conv_output_row_inside_the_reduction():
+    """y[n, c, h, w] += x[..., w + rx] * k: w (contiguous in x and y) innermost, vectorized,
+    (n, c, h) in parallel; the padding-free "pad" copy inlined."""
+    before = only_kernel(kernels(lambda x, w: relax.op.nn.conv2d(x, w),
+                                 (2, 8, 10, 10), (8, 8, 3, 3)))
+    sch = s_tir.Schedule(before)
+    sch.compute_inline(sch.get_sblock("pad_temp"))
+    conv = sch.get_sblock("conv2d_nchw")
+    n, c, h, w, rc, ry, rx = sch.get_loops(conv)
+    sch.reorder(n, c, h, rc, ry, rx, w)
+    sch.parallel(sch.fuse(n, c, h))
+    sch.vectorize(sch.split(w, [None, 4])[1])
+    sch.decompose_reduction(conv, rc)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
+def test_reduction_over_contiguous_axis_is_rfactored():
+    """A sum over H·W has no contiguous output axis: W is split and rfactor-ed."""
+    scheduled = schedule_kernel(
+        only_kernel(kernels(lambda x: relax.op.sum(x, axis=[0, 2, 3]), (4, 16, 8, 8))), NEON)
+    assert "_rf" in scheduled.script() and "T.vectorized" in scheduled.script()
+
+
+CASES = {
+    "conv3x3": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1), (8, 16, 8, 8), (16, 16, 3, 3)),
+    "conv_stride2": (lambda x, w: relax.op.nn.conv2d(x, w, strides=2, padding=1),
+                     (8, 16, 16, 16), (32, 16, 3, 3)),
+    "depthwise": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1, groups=16),
+                  (8, 16, 8, 8), (16, 1, 3, 3)),
+    "conv_on_1x1_map": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1),
+                        (8, 64, 1, 1), (64, 64, 3, 3)),
+    "pointwise_2x2": (lambda x, w: relax.op.nn.conv2d(x, w), (8, 64, 2, 2), (128, 64, 1, 1)),
+    "conv_transpose": (lambda x, w: relax.op.nn.conv2d_transpose(x, w, padding=1),
+                       (8, 16, 8, 8), (16, 8, 3, 3)),
+    "weight_gradient": (lambda x, gy: relax.op.nn.conv2d(
+        x, gy, padding=1, data_layout="CNHW", kernel_layout="IOHW", out_layout="CNHW"),
+        (8, 16, 8, 8), (8, 32, 8, 8)),
+    "matmul_transposed": (lambda a, b: relax.op.matmul(a, relax.op.permute_dims(b)),
+                          (8, 64), (32, 64)),
+    "avg_pool": (lambda x: relax.op.nn.avg_pool2d(x, 2, 2), (8, 16, 8, 8)),
+    "sum_hw": (lambda x: relax.op.sum(x, axis=[2, 3]), (8, 16, 8, 8)),
+    "conv_bn_relu6": (lambda x, w, s: relax.op.clip(relax.op.multiply(
+        relax.op.nn.conv2d(x, w, padding=1), s), 0, 6), (8, 16, 8, 8), (16, 16, 3, 3),
+        (1, 16, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_scheduled_kernels_compute_the_same(case):
+    build, *shapes = CASES[case]
+    mod = kernels(build, *shapes)
+    with HOST:
+        scheduled = DefaultCPUSchedule()(mod)
+    assert all(f.attrs[SCHEDULED_ATTR] for f in scheduled.functions.values()
+               if isinstance(f, tirx.PrimFunc))
+    assert any("T.vectorized" in f.script() for f in scheduled.functions.values()
+               if isinstance(f, tirx.PrimFunc)), "the rules no longer vectorize this kernel"
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
+    results = []
+    for module in (mod, scheduled):
+        vm = relax.VirtualMachine(tvm.compile(module, target=HOST), tvm.cpu())
+        results.append(vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_kernels_are_left_alone():
+    mod = kernels(*CASES["conv3x3"][:1], *CASES["conv3x3"][1:])
+    gvar, func = next((g, f) for g, f in mod.functions.items() if isinstance(f, tirx.PrimFunc))
+    mod[gvar] = func.with_attr(SCHEDULED_ATTR, True)
+    with HOST:
+        tvm.ir.assert_structural_equal(DefaultCPUSchedule()(mod)[gvar], mod[gvar])
