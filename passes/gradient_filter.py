@@ -19,8 +19,8 @@ The rewrite, on calls named by :mod:`conv_backward`, for each layer in ``plan``:
     x_sum = avg_pool2d(fit(x), R·s) · R²          # emitted before the forward conv(x, W)
     ...
     gx = conv2d_grad_input(gy, W)        ->  g_pool = avg_pool2d(gy, R, ceil_mode)
-                                             w_sum  = sum(W, taps) / s²
-                                             gx_low = conv2d_transpose(g_pool, w_sum, groups)
+                                             w_sum  = sum(W, taps)      # W if 1×1
+                                             gx_low = conv2d_transpose(g_pool, w_sum, groups) / s²
                                              gx     = take(take(gx_low, rows), cols)   # upsample
     gw = conv2d_grad_weight(x, gy, W)    ->  gw     = broadcast(g_pool · x_sum over N, P, Q)
 
@@ -113,12 +113,16 @@ def pooled_gradient(bb: relax.BlockBuilder, gy: relax.Expr, layer: ConvGeometry)
 
 def filtered_grad_input(bb: relax.BlockBuilder, g_pool: relax.Expr, weight: relax.Expr,
                         layer: ConvGeometry) -> relax.Expr:
-    """Low-res product with the tap-summed kernel, then nearest upsample to x's shape."""
+    """Low-res product with the tap-summed kernel, then nearest upsample to x's shape. The
+    1/s² scales the low-res product (an epilogue that fuses into it), not the kernel; a 1×1
+    kernel is its own tap sum."""
     sh, sw = layer.strides
-    w_sum = bb.emit(relax.op.multiply(relax.op.sum(weight, [2, 3], keepdims=True),
-                                      relax.const(1.0 / (sh * sw), "float32")), "gf_w_sum")
-    low = bb.emit(relax.op.nn.conv2d_transpose(g_pool, w_sum, groups=layer.groups),
-                  "gf_gx_low")
+    w_sum = weight if layer.w_shape[2:] == (1, 1) else bb.emit(
+        relax.op.sum(weight, [2, 3], keepdims=True), "gf_w_sum")
+    low = relax.op.nn.conv2d_transpose(g_pool, w_sum, groups=layer.groups)
+    if sh * sw != 1:
+        low = relax.op.multiply(low, relax.const(1.0 / (sh * sw), "float32"))
+    low = bb.emit(low, "gf_gx_low")
     rows = bb.emit(relax.op.take(low, relax.const(layer.block_index(0)), 2, "clip"),
                    "gf_gx_rows")
     return relax.op.take(rows, relax.const(layer.block_index(1)), 3, "clip")
