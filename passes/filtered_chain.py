@@ -127,16 +127,15 @@ class _Fold(PyExprMutator):
                     for axis, index in enumerate((rows, cols))]
         if any(index is None for index in per_axis):
             return None
+        blocks = _shape(a)[2:]
         for axis, index in enumerate(per_axis):
-            if not (len(index) == _shape(a)[2 + axis] and np.array_equal(
-                    index, np.arange(len(index)))):
-                a = self.builder_.emit(relax.op.take(a, relax.const(index), 2 + axis, "clip"),
-                                       "gf_pool_take")
+            if not np.array_equal(index, np.arange(blocks[axis])):
+                a = relax.op.take(a, relax.const(index), 2 + axis, "clip")
         return a
 
     def _pooled(self, x: relax.Expr, attrs, out: tuple[int, ...]) -> relax.Expr | None:
-        """An expression equal to avg_pool2d(x) that avoids reading x at full resolution, or
-        None when none of the rewrites applies."""
+        """An expression equal to avg_pool2d(x) that reads less at full resolution, or None
+        when none of the rewrites applies."""
         value = self._bound(x)
         if _is_call(value, _MULTIPLY) or _is_call(value, _DIVIDE):
             lhs, rhs = value.args
@@ -145,10 +144,8 @@ class _Fold(PyExprMutator):
                 if _per_channel(factor, _shape(x)) and _shape(data) == _shape(x):
                     inner = self._pooled(data, attrs, out)
                     if inner is None:
-                        inner = self.builder_.emit(relax.Call(_AVG_POOL, [data], attrs),
-                                                   "gf_pool")
-                    return self.builder_.emit(relax.Call(value.op, [inner, factor]),
-                                              "gf_pool_scaled")
+                        inner = relax.Call(_AVG_POOL, [data], attrs)
+                    return relax.Call(value.op, [inner, factor])
             return None
         return self._pool_of_upsample(x, attrs, out)
 
@@ -162,9 +159,8 @@ class _Fold(PyExprMutator):
         blocks = _shape(a)[2:]
         count = np.outer(np.bincount(rows, minlength=blocks[0]),
                          np.bincount(cols, minlength=blocks[1])).astype(str(a.ty.dtype))
-        weighted = self.builder_.emit(relax.op.multiply(a, relax.const(count[None, None])),
-                                      "gf_sum_weighted")
-        return relax.op.collapse_sum_to(weighted, call.args[1])
+        return relax.op.collapse_sum_to(relax.op.multiply(a, relax.const(count[None, None])),
+                                        call.args[1])
 
     def _valid_pool(self, call: relax.Call) -> bool:
         attrs = call.attrs
