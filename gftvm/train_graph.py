@@ -29,6 +29,7 @@ from tvm.relax.training.utils import AppendLoss
 from .analysis import saved_for_backward
 from .errors import ConfigError, UnsupportedOpError
 from .passes import conv_backward  # noqa: F401  (conv gradients as named calls)
+from .passes.filtered_chain import FoldFilteredChain
 from .passes.gradient_filter import GradientFilter
 from .passes.stop_gradient import StopGradientAtFrozen
 
@@ -113,7 +114,7 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
     except tvm.error.InternalError as err:
         raise UnsupportedOpError(f"Relax cannot differentiate the model: {err}") from err
     if filter_plan:
-        mod = GradientFilter("backbone_loss_adjoint", filter_plan)(mod)
+        mod = filter_gradients(mod, "backbone_loss_adjoint", filter_plan)
     optimizer.init(required)
     init_state = [value.numpy() for value in optimizer.state]
 
@@ -124,6 +125,14 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
     mod["predict"] = mod["backbone"].with_attr("global_symbol", "predict")
     mod = keep_entries(mod, ["train_step", "predict"])
     return TrainModule(mod, init_params, init_state, adjoint)
+
+
+def filter_gradients(mod: tvm.IRModule, adjoint_name: str, plan: dict[str, int]
+                     ) -> tvm.IRModule:
+    """Gradient filtering of the layers in ``plan`` (weight name -> patch size), with the
+    reductions between filtered layers taken to low resolution."""
+    mod = GradientFilter(adjoint_name, plan)(mod)
+    return FoldFilteredChain(adjoint_name)(mod)
 
 
 def add_train_step(mod: tvm.IRModule, adjoint_name: str, optimizer: relax.Function,

@@ -19,9 +19,9 @@ The rewrite, on calls named by :mod:`conv_backward`, for each layer in ``plan``:
     x_sum = avg_pool2d(fit(x), R·s) · R²          # emitted before the forward conv(x, W)
     ...
     gx = conv2d_grad_input(gy, W)        ->  g_pool = avg_pool2d(gy, R, ceil_mode)
-                                             w_sum  = sum(W, taps) / s²
-                                             gx_low = conv2d_transpose(g_pool, w_sum, groups)
-                                             gx     = take(take(gx_low, rows), cols)   # upsample
+                                             w_sum  = sum(W, taps)      # W if 1×1
+                                             gx_low = conv2d_transpose(g_pool, w_sum, groups) / s²
+                                             gx     = upsample(gx_low)  # nearest, by R·s
     gw = conv2d_grad_weight(x, gy, W)    ->  gw     = broadcast(g_pool · x_sum over N, P, Q)
 
 x_sum is computed next to the forward conv, so the backward keeps only x_sum alive for the
@@ -113,12 +113,34 @@ def pooled_gradient(bb: relax.BlockBuilder, gy: relax.Expr, layer: ConvGeometry)
 
 def filtered_grad_input(bb: relax.BlockBuilder, g_pool: relax.Expr, weight: relax.Expr,
                         layer: ConvGeometry) -> relax.Expr:
-    """Low-res product with the tap-summed kernel, then nearest upsample to x's shape."""
+    """Low-res product with the tap-summed kernel, then nearest upsample to x's shape. The
+    1/s² scales the low-res product (an epilogue that fuses into it), not the kernel; a 1×1
+    kernel is its own tap sum."""
     sh, sw = layer.strides
-    w_sum = bb.emit(relax.op.multiply(relax.op.sum(weight, [2, 3], keepdims=True),
-                                      relax.const(1.0 / (sh * sw), "float32")), "gf_w_sum")
-    low = bb.emit(relax.op.nn.conv2d_transpose(g_pool, w_sum, groups=layer.groups),
-                  "gf_gx_low")
+    w_sum = weight if layer.w_shape[2:] == (1, 1) else bb.emit(
+        relax.op.sum(weight, [2, 3], keepdims=True), "gf_w_sum")
+    low = relax.op.nn.conv2d_transpose(g_pool, w_sum, groups=layer.groups)
+    if sh * sw != 1:
+        low = relax.op.multiply(low, relax.const(1.0 / (sh * sw), "float32"))
+    low = bb.emit(low, "gf_gx_low")
+    return upsample(bb, low, layer)
+
+
+def upsample(bb: relax.BlockBuilder, low: relax.Expr, layer: ConvGeometry) -> relax.Expr:
+    """Every pixel of x takes the value of its block. Where the blocks start at the corner
+    (offset 0: every 'same'-padded conv) as reshape, broadcast, reshape and crop, injective ops
+    that FuseOps fuses into grad_x's consumer; otherwise as a gather (take) of each row's and
+    column's block, which TVM cannot fuse (its index is data)."""
+    n, channels = layer.x_shape[:2]
+    (bh, bw), (height, width) = layer.blocks, layer.x_shape[2:]
+    step_h, step_w = (layer.patch * s for s in layer.strides)
+    if layer.offsets == (0, 0) and bh * step_h >= height and bw * step_w >= width:
+        tiles = relax.op.broadcast_to(relax.op.reshape(low, (n, channels, bh, 1, bw, 1)),
+                                      (n, channels, bh, step_h, bw, step_w))
+        full = relax.op.reshape(tiles, (n, channels, bh * step_h, bw * step_w))
+        if (bh * step_h, bw * step_w) == (height, width):
+            return full
+        return relax.op.strided_slice(full, [2, 3], [0, 0], [height, width])
     rows = bb.emit(relax.op.take(low, relax.const(layer.block_index(0)), 2, "clip"),
                    "gf_gx_rows")
     return relax.op.take(rows, relax.const(layer.block_index(1)), 3, "clip")

@@ -124,11 +124,13 @@ STRUCTURE_CASES = {  # name: (channels in, channels out, stride, groups); 2×C×
 
 def expected_module(ci: int, co: int, s: int, g: int) -> tvm.IRModule:
     """The filtered adjoint of sum(conv2d(x, w) * g), written out for a 3×3, padding-1 conv
-    on an 8×8 input with R=2: no crop or pad is needed, so x is pooled directly."""
+    on an 8×8 input with R=2: no crop or pad is needed, so x is pooled directly, and the
+    blocks start at the corner, so grad_x is upsampled by broadcasting."""
     ho = 8 // s
     blocks = ho // 2
-    index = np.arange(8) // (2 * s)
     length = 2 * blocks * blocks
+    per_stride = (lambda low: low) if s == 1 else (
+        lambda low: R.multiply(low, R.const(1.0 / (s * s), "float32")))
 
     @I.ir_module
     class Expected:
@@ -147,11 +149,11 @@ def expected_module(ci: int, co: int, s: int, g: int) -> tvm.IRModule:
                 y_adjoint = R.multiply(lv_adjoint, gy)
                 gf_g_pool = R.nn.avg_pool2d(y_adjoint, pool_size=[2, 2], strides=[2, 2],
                                             ceil_mode=True, count_include_pad=False)
-                gf_w_sum = R.multiply(R.sum(w, axis=[2, 3], keepdims=True),
-                                      R.const(1.0 / (s * s), "float32"))
-                gf_gx_low = R.nn.conv2d_transpose(gf_g_pool, gf_w_sum, groups=g)
-                gf_gx_rows = R.take(gf_gx_low, R.const(index), axis=2, mode="clip")
-                x_adjoint = R.take(gf_gx_rows, R.const(index), axis=3, mode="clip")
+                gf_w_sum = R.sum(w, axis=[2, 3], keepdims=True)
+                gf_gx_low = per_stride(R.nn.conv2d_transpose(gf_g_pool, gf_w_sum, groups=g))
+                x_adjoint = R.reshape(R.broadcast_to(
+                    R.reshape(gf_gx_low, (2, ci, blocks, 1, blocks, 1)),
+                    (2, ci, blocks, 2 * s, blocks, 2 * s)), (2, ci, 8, 8))
                 gf_g_flat = R.reshape(R.permute_dims(R.reshape(
                     gf_g_pool, (2, g, co // g, blocks, blocks)), [1, 2, 0, 3, 4]),
                     (g, co // g, length))

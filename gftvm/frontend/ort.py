@@ -29,10 +29,9 @@ import tvm
 from tvm import relax
 
 from ..errors import CheckpointError, ConfigError, ModelError
-from ..passes.gradient_filter import GradientFilter
 from ..runtime import read_manifest
 from ..state import TrainState, read_state, write_state
-from ..train_graph import TrainModule, add_train_step, keep_entries
+from ..train_graph import TrainModule, add_train_step, filter_gradients, keep_entries
 from . import ort_ops
 from .ort_optimizer import OrtOptimizer, read_optimizer
 
@@ -366,7 +365,7 @@ def build_train_module(art: OrtArtifact, mod: tvm.IRModule, optimizer: OrtOptimi
     batch_size = int(mod[ADJOINT].params[0].ty.shape[0])
     init_params = [art.params[name] for name in sig.params]
     if filter_plan:
-        mod = GradientFilter(ADJOINT, filter_plan)(mod)
+        mod = filter_gradients(mod, ADJOINT, filter_plan)
     adjoint = relax.transform.DeadCodeElimination([ADJOINT])(mod)[ADJOINT]
     by_name = dict(zip(sig.params, init_params))
     init_state = optimizer.initial_state([by_name[name] for name in sig.trainable])
