@@ -1,0 +1,46 @@
+"""tools/bench.py's measurement helpers on tiny configs: the kernel profile and peak memory."""
+
+import os
+import sys
+
+import numpy as np
+import onnx
+import torch
+
+import gftvm
+from gftvm import models
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
+import bench_profile  # noqa: E402
+import bench_steps  # noqa: E402
+
+
+def test_profile_kernels_account_for_the_step(mcunet_onnx):
+    artifact = gftvm.compile(mcunet_onnx, trainable="last:2", batch_size=2, schedules=False)
+    profile = bench_profile.profile_train_step(artifact, image_size=32, repeat=5)
+    families = profile.family()
+    convs = sum(node.op_type == "Conv" for node in onnx.load(mcunet_onnx).graph.node)
+    assert families.calls["conv2d"] >= convs      # every forward conv is a recorded call
+    assert all(us > 0 for us in profile.us.values())
+    # kernels timed alone, counted per call, make up most of the step, and not much more
+    assert 0.25 < profile.total_us / (profile.step_ms * 1e3) < 2.0
+    table = bench_profile.side_by_side({"BP": profile, "again": profile}, top=3)
+    assert table.splitlines()[2].startswith("conv2d")   # the slowest family of this net
+
+
+def test_peak_growth_sees_what_a_step_allocates():
+    assert bench_steps.peak_growth_mib(lambda: np.ones(8 << 20).sum(), steps=2) > 60  # 64 MiB
+    assert bench_steps.peak_growth_mib(lambda: None, steps=2) < 8
+
+
+def test_peak_memory_of_train_steps_in_fresh_processes(artifact_dir, tmp_path):
+    manifest = gftvm.runtime.load(artifact_dir).manifest
+    gftvm_mib = bench_steps.peak_memory({"kind": "gftvm", "dir": os.fspath(artifact_dir),
+                                         "batch": 4, "image_size": 32}, threads=1, steps=2)
+    torch.save(models.build("mcunet").state_dict(), tmp_path / bench_steps.MODEL_STATE)
+    torch_mib = bench_steps.peak_memory({"kind": "torch", "dir": os.fspath(tmp_path),
+                                         "model": "mcunet", "trainable": manifest["trainable"],
+                                         "patches": {}, "batch": 4, "image_size": 32},
+                                        threads=1, steps=2)
+    for mib in (gftvm_mib, torch_mib):
+        assert 0 < mib < 200   # MiB, not KiB or bytes
