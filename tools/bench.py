@@ -2,18 +2,19 @@
 """Benchmarks, measured side by side in one run with the same thread count.
 
     python tools/bench.py steps  [--models ...] [--train all last:4] [--image-size 32 128]
-                                 [--filter-patch 2 4] [--no-memory]     (--batch 8 or 32)
+                                 [--filter-patch 2 4]                   (--batch 8 or 32)
         train step of each model, trainable set and method (BP; GF per --filter-patch):
         gftvm's compiled step untuned and with schedules/host/ records, gftvm.compile's
         seconds with schedules (compile s), PyTorch eager BP and GF of the same layers (BN in
         inference mode, as gftvm; GF: gftvm.reference), onnxruntime-training BP of the same
         model and trainable set (its artifacts train BN on batch statistics; "-" where the
-        trainable set cannot be matched). SGD, momentum 0.9 (ORT: SGD). Peak memory (MiB) of
-        gftvm (tuned if it has records), PyTorch (same method) and ORT (BP rows), each
-        stepped in a fresh process: the peak resident memory that a few train steps add over
-        the loaded model, parameters and optimizer state (exactly: tools/bench_steps.py),
-        next to gftvm's static plan, the manifest's saved_context_bytes. Writes the CSV (with
-        the machine description) and one plot per image size next to it.
+        trainable set cannot be matched). SGD, momentum 0.9 (ORT: SGD). Every step is timed
+        alone in a fresh process, which also measures its peak memory (MiB): the peak
+        resident memory that the first --memory-steps steps add over the loaded model,
+        parameters and optimizer state (exactly: tools/bench_steps.py); gftvm's (tuned if it
+        has records) is printed next to PyTorch's (same method), ORT's and gftvm's static
+        plan, the manifest's saved_context_bytes. Writes the CSV (with the machine
+        description) and one plot per image size next to it.
     python tools/bench.py profile [--model mobilenetv2-0.35] [--train last:4] [--filter-patch 2]
         per-kernel time of the compiled train step (with schedules/host/), BP and GF side by
         side: kernel families and each method's top kernels (calls, us, % of the step);
@@ -51,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=10, help="timed runs (after warm-up)")
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="steps and ort: the first steps, measured for peak memory; "
+                             "the timing's warm-up")
     sub = parser.add_subparsers(dest="command", required=True)
     steps = sub.add_parser("steps", help="whole train steps vs PyTorch eager")
     steps.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
@@ -58,10 +62,6 @@ def parse_args() -> argparse.Namespace:
     steps.add_argument("--image-size", type=int, nargs="+", default=[32])
     steps.add_argument("--filter-patch", type=int, nargs="*", default=[],
                        help="also gradient-filtered steps (same layers as --train) with these R")
-    steps.add_argument("--no-memory", dest="memory", action="store_false",
-                       help="skip the peak-memory measurement (fresh processes)")
-    steps.add_argument("--memory-steps", type=int, default=3,
-                       help="train steps per peak-memory measurement")
     steps.add_argument("--csv", default="bench/results/steps.csv",
                        help="rows, with the machine description and load in comments; plots "
                             "go next to it as <csv stem>_<image size>px.png")
@@ -93,10 +93,10 @@ def bench_steps(args: argparse.Namespace) -> None:
           "got a record), compile s: gftvm.compile with schedules; torch BP / GF: PyTorch eager, "
           "same layers trained, exact / filtered (gftvm.reference), BN inference mode; ORT BP: "
           "onnxruntime-training, same trainable set, BN on batch statistics ('-': not "
-          "expressible); ratios: over tuned gftvm (untuned if no record)")
-    if args.memory:
-        print("peak MiB: memory a few train steps add at their peak over the loaded model, each "
-              "variant in a fresh process (tools/bench_steps.py); plan: gftvm's saved context")
+          "expressible); ratios: over tuned gftvm (untuned if no record). Peak MiB: memory the "
+          "first steps add at their peak over the loaded model (gftvm: tuned if it has records; "
+          "torch: same method); plan: gftvm's saved context. Each step is timed and measured "
+          "alone in a fresh process (tools/bench_steps.py)")
     print(STEP_HEADER)
     rows = []
     for size, name, spec in itertools.product(args.image_size, args.models, args.train):
@@ -131,34 +131,30 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
         torch.save(model.state_dict(), os.path.join(tmp, MODEL_STATE))
         base = {"batch": args.batch, "image_size": size}
         torch_bp = {"kind": "torch", "dir": tmp, "model": name, "patches": {}, **base}
-        ort_bp = None
         for patch in [None, *args.filter_patch]:
-            columns, manifest, gftvm_variant = compile_gftvm(args, onnx_path, spec, patch, size,
-                                                             tmp)
+            columns, manifest = compile_gftvm(args, onnx_path, spec, patch, size, tmp)
             if patch is None:
                 torch_bp["trainable"] = manifest["trainable"]
+                bp = measure(args, torch_bp)
                 ort_bp = ort_variant(model, manifest["trainable"], tmp, base)
-                baselines = {"torch_bp_ms": time_variant(args, torch_bp),
-                             "ort_bp_ms": ort_bp and time_variant(args, ort_bp)}
-            torch_gf = patch and {**torch_bp, "patches": {
+                ort = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
+            torch_gf = patch and measure(args, {**torch_bp, "patches": {
                 layer["weight"].removesuffix(".weight"): layer["patch"]
-                for layer in manifest["gradient_filter"]["plan"]}}
+                for layer in manifest["gradient_filter"]["plan"]}})
             row = {"model": name, "train": spec, "method": "BP" if patch is None else f"GF R{patch}",
-                   **base, **baselines, **columns,
-                   "torch_gf_ms": torch_gf and time_variant(args, torch_gf),
+                   **base, **columns, "torch_bp_ms": bp["ms"],
+                   "torch_gf_ms": torch_gf and torch_gf["ms"], "ort_bp_ms": ort["ms"],
+                   "torch_peak_mib": (torch_gf or bp)["peak_mib"], "ort_peak_mib": ort["peak_mib"],
                    "saved_context_mib": manifest["saved_context_bytes"] / MIB}
-            if args.memory:
-                row.update(memory_columns(args, gftvm_variant, torch_gf or torch_bp,
-                                          ort_bp if patch is None else None))
             print(format_step_row(row), flush=True)
             rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 
 
 def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: int | None,
-                  size: int, directory: str) -> tuple[dict, dict, dict]:
-    """Compile untuned and with schedules, time both steps. Returns the row's gftvm columns,
-    the manifest and the variant of the fastest artifact (saved in ``directory``)."""
+                  size: int, directory: str) -> tuple[dict, dict]:
+    """Compile untuned and with schedules, time both steps. Returns the row's gftvm columns
+    (peak memory: of the tuned step if it has records) and the manifest."""
     import gftvm
 
     options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
@@ -176,9 +172,11 @@ def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: in
         variant = {"kind": "gftvm", "batch": args.batch, "image_size": size,
                    "dir": os.path.join(directory, f"gftvm_{patch}_{schedules}")}
         artifact.save(variant["dir"])
-        columns["tuned_ms" if schedules else "gftvm_ms"] = time_variant(args, variant)
-        manifest, fastest = artifact.manifest, variant
-    return columns, manifest, fastest
+        result = measure(args, variant)
+        columns.update({"tuned_ms" if schedules else "gftvm_ms": result["ms"],
+                        "gftvm_peak_mib": result["peak_mib"]})
+        manifest = artifact.manifest
+    return columns, manifest
 
 
 def ort_variant(model, trainable: list[str], directory: str, base: dict) -> dict | None:
@@ -201,22 +199,11 @@ def ort_variant(model, trainable: list[str], directory: str, base: dict) -> dict
     return variant if set(trained) == set(trainable) else None
 
 
-def time_variant(args: argparse.Namespace, variant: dict) -> float:
-    from bench_steps import make_step
+def measure(args: argparse.Namespace, variant: dict) -> dict:
+    """``ms`` and ``peak_mib`` of the variant's step, in a fresh process."""
+    from bench_steps import measure_in_fresh_process
 
-    return median_ms(make_step(variant, args.threads), args.repeat)
-
-
-def memory_columns(args: argparse.Namespace, gftvm_variant: dict, torch_variant: dict,
-                   ort_variant: dict | None) -> dict:
-    """Peak train-step memory of gftvm (tuned if it has records), PyTorch (same method) and
-    ORT (BP rows), each in a fresh process."""
-    from bench_steps import peak_memory
-
-    measure = lambda variant: peak_memory(variant, args.threads, args.memory_steps)
-    return {"gftvm_peak_mib": measure(gftvm_variant),
-            "torch_peak_mib": measure(torch_variant),
-            "ort_peak_mib": ort_variant and measure(ort_variant)}
+    return measure_in_fresh_process(variant, args.threads, args.repeat, args.memory_steps)
 
 
 STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'gftvm ms':>9} {'tuned ms':>9} "
@@ -245,7 +232,6 @@ def bench_ort(args: argparse.Namespace) -> None:
     import gftvm
     from gftvm import models
     from gftvm.frontend import ort
-    from bench_steps import make_step
 
     print(f"{'model':18} {'ORT ms':>9} {'gftvm BP ms':>12} {'gftvm GF ms':>12} "
           f"{'ORT/BP':>7} {'ORT/GF':>7}  (GF: R2, {args.filter_layers})")
@@ -253,14 +239,14 @@ def bench_ort(args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
             ort.generate_artifacts(models.build(name), tmp, (args.batch, 3, 32, 32))
-            ort_ms = time_variant(args, {"kind": "ort", "dir": tmp, "batch": args.batch,
-                                         "image_size": 32})
+            ort_ms = measure(args, {"kind": "ort", "dir": tmp, "batch": args.batch,
+                                    "image_size": 32})["ms"]
             gftvm_ms = []
             for grad_filter in (None, gftvm.GradientFilter(2, args.filter_layers)):
                 artifact = os.path.join(tmp, "gf" if grad_filter else "bp")
                 gftvm.compile(tmp, lr=1e-3, filter=grad_filter).save(artifact)
-                gftvm_ms.append(time_variant(args, {"kind": "gftvm", "dir": artifact,
-                                                    "batch": args.batch, "image_size": 32}))
+                gftvm_ms.append(measure(args, {"kind": "gftvm", "dir": artifact,
+                                               "batch": args.batch, "image_size": 32})["ms"])
         bp, gf = gftvm_ms
         print(f"{name:18} {ort_ms:9.1f} {bp:12.1f} {gf:12.1f} {ort_ms / bp:7.2f} "
               f"{ort_ms / gf:7.2f}", flush=True)
@@ -409,11 +395,9 @@ STEP_BARS = {"time": [("gftvm_ms", "gftvm untuned"), ("tuned_ms", "gftvm tuned")
 
 
 def plot_steps(rows: list[dict], title: str, path: str) -> None:
-    """Grouped bars per config: ms per step (left), peak MiB (right, when measured)."""
+    """Grouped bars per config: ms per step (left), peak MiB (right)."""
     plt = pyplot()
-    panels = [("time", "ms per train step")]
-    if any(r.get("gftvm_peak_mib") is not None for r in rows):
-        panels.append(("memory", "peak train-step memory (MiB)"))
+    panels = [("time", "ms per train step"), ("memory", "peak train-step memory (MiB)")]
     width = max(5.0, 1.4 * len(rows) + 2)
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.5), squeeze=False)
     for ax, (panel, ylabel) in zip(axes[0], panels):
@@ -433,7 +417,7 @@ def grouped_bars(ax, rows: list[dict], series: list[tuple[str, str]]) -> None:
     for i, (column, label) in enumerate(series):
         values = [r.get(column) or 0 for r in rows]
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * bar, values, bar, label=label)
-        ax.bar_label(bars, [f"{v:.1f}" if v else "" for v in values], fontsize=6, rotation=90)
+        ax.bar_label(bars, [f"{v:.3g}" if v else "" for v in values], fontsize=6, rotation=90)
     values = [r.get(c) for r in rows for c, _ in series if r.get(c)]
     ax.set_yscale("log" if values and max(values) > 30 * min(values) else "linear")
     ax.set_xticks(x, [f"{r['model']}\n{r['train']} {r['method']}" for r in rows], fontsize=7)

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Train-step variants for tools/bench.py, built from files in a work directory, so that the
-benchmark times them side by side in one process and measures the memory of each in a fresh one.
+"""Train-step variants for tools/bench.py, built from files in a work directory, each timed
+and measured in a fresh process (``python tools/bench_steps.py VARIANT_JSON THREADS REPEAT
+MEMORY_STEPS`` prints ``{"peak_mib": ..., "ms": ...}``), so that no framework's thread pool or
+allocator disturbs another's.
 
 A variant is a JSON-able dict: ``kind`` ("gftvm", "torch" or "ort"), ``dir`` (a gftvm artifact,
 a directory with ``model.pt`` (the zoo model's state_dict) or an ORT artifact), ``batch``,
@@ -8,13 +10,13 @@ a directory with ``model.pt`` (the zoo model's state_dict) or an ORT artifact), 
 ``patches`` (gradient-filtered Conv2d module -> R). Every variant steps on
 ``gftvm.data.synthetic(batch, image_size=image_size)``.
 
-Peak train-step memory (``python tools/bench_steps.py VARIANT_JSON THREADS STEPS``, run by
-:func:`peak_memory`): in a fresh process, after imports, loading and input creation, the
-peak resident set (VmHWM) is reset (``/proc/self/clear_refs``); then ``STEPS`` steps run and
-the result is VmHWM minus the resident set (VmRSS) just before the first step, in MiB: the
-memory the steps add at their peak (activations, saved context, gradients, allocator pools)
-on top of the loaded model, its parameters and optimizer state. PyTorch's momentum buffers
-are allocated before that baseline, as gftvm's and ORT's optimizer state is at load.
+Peak train-step memory: after imports, loading and input creation, the peak resident set
+(VmHWM) is reset (``/proc/self/clear_refs``); then ``MEMORY_STEPS`` steps run (also the
+warm-up of the timing) and ``peak_mib`` is VmHWM minus the resident set (VmRSS) just before
+the first step: the memory the steps add at their peak (activations, saved context,
+gradients, allocator pools, thread stacks) on top of the loaded model, its parameters and
+optimizer state. PyTorch's momentum buffers are allocated before that baseline, as gftvm's and
+ORT's optimizer state is at load. ``ms``: the median of ``REPEAT`` further steps.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+
+from gftvm.timing import median_ms
 
 MODEL_STATE = "model.pt"
 
@@ -133,23 +137,34 @@ def peak_growth_mib(step: Callable[[], object], steps: int) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def peak_memory(variant: dict, threads: int, steps: int = 3) -> float:
-    """:func:`peak_growth_mib` of the variant, measured in a fresh Python process."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(variant),
-                          str(threads), str(steps)], capture_output=True, text=True)
+def measure(variant: dict, threads: int, repeat: int, memory_steps: int) -> dict:
+    """``peak_mib`` (:func:`peak_growth_mib` of the first ``memory_steps`` steps) and ``ms``
+    (median of ``repeat`` steps after those)."""
+    step = make_step(variant, threads)
+    peak = peak_growth_mib(step, memory_steps)
+    return {"peak_mib": peak, "ms": median_ms(step, repeat, warmup=0)}
+
+
+def measure_in_fresh_process(variant: dict, threads: int, repeat: int,
+                             memory_steps: int = 3) -> dict:
+    """:func:`measure` in a new Python process, alone with its own thread pools."""
+    command = [sys.executable, os.path.abspath(__file__), json.dumps(variant), str(threads),
+               str(repeat), str(memory_steps)]
+    out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"memory of {variant['kind']} variant {variant['dir']} failed:\n"
+        raise RuntimeError(f"measuring the {variant['kind']} step of {variant['dir']} failed:\n"
                            f"{out.stderr[-2000:]}")
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    variant, threads, steps = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    variant = json.loads(sys.argv[1])
+    threads, repeat, memory_steps = (int(a) for a in sys.argv[2:5])
     os.environ["TVM_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
-    print(peak_growth_mib(make_step(variant, threads), steps))
+    print(json.dumps(measure(variant, threads, repeat, memory_steps)))
 
 
 if __name__ == "__main__":
