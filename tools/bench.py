@@ -41,8 +41,8 @@ import time
 
 from gftvm.timing import median_ms
 
-# (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
 MIB = 1 << 20
+# (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
 PAPER_SHAPES = [(128, 120, 160), (256, 60, 80), (512, 30, 40), (512, 14, 14), (256, 14, 14),
                 (128, 28, 28), (64, 56, 56)]
 
@@ -53,10 +53,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=10, help="timed runs (after warm-up)")
     parser.add_argument("--memory-steps", type=int, default=3,
-                        help="steps and ort: the first steps, measured for peak memory; "
-                             "the timing's warm-up")
+                        help="steps, ort: first steps of each measured train step, counted "
+                             "for peak memory and the timing's warm-up")
     sub = parser.add_subparsers(dest="command", required=True)
-    steps = sub.add_parser("steps", help="whole train steps vs PyTorch eager")
+    steps = sub.add_parser("steps", help="whole train steps vs PyTorch eager and ORT")
     steps.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     steps.add_argument("--train", nargs="+", default=["all", "last:4"])
     steps.add_argument("--image-size", type=int, nargs="+", default=[32])

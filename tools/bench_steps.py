@@ -16,7 +16,9 @@ warm-up of the timing) and ``peak_mib`` is VmHWM minus the resident set (VmRSS) 
 the first step: the memory the steps add at their peak (activations, saved context,
 gradients, allocator pools, thread stacks) on top of the loaded model, its parameters and
 optimizer state. PyTorch's momentum buffers are allocated before that baseline, as gftvm's and
-ORT's optimizer state is at load. ``ms``: the median of ``REPEAT`` further steps.
+ORT's optimizer state is at load. What the first steps initialise once counts too: for
+PyTorch about 16-20 MiB that stay resident (MCUNet, batch 2, one thread), which dominates
+small configurations. ``ms``: the median of ``REPEAT`` further steps.
 """
 
 from __future__ import annotations
