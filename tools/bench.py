@@ -117,9 +117,10 @@ def bench_steps(args: argparse.Namespace) -> None:
 
 def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> list[dict]:
     """The rows of one model and trainable set: BP, then GF for each --filter-patch."""
+    import onnx
     import torch
 
-    from gftvm import models
+    from gftvm import models, trainable
     from gftvm.data import synthetic
     from bench_steps import MODEL_STATE
 
@@ -130,14 +131,14 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
         model = models.export_zoo_model(name, onnx_path, size, calibration=torch.from_numpy(images))
         torch.save(model.state_dict(), os.path.join(tmp, MODEL_STATE))
         base = {"batch": args.batch, "image_size": size}
-        torch_bp = {"kind": "torch", "dir": tmp, "model": name, "patches": {}, **base}
+        trained = trainable.resolve(onnx.load(onnx_path), spec)
+        torch_bp = {"kind": "torch", "dir": tmp, "model": name, "trainable": trained,
+                    "patches": {}, **base}
+        bp = measure(args, torch_bp)
+        ort_bp = ort_variant(model, trained, tmp, base)
+        ort = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
         for patch in [None, *args.filter_patch]:
             columns, manifest = compile_gftvm(args, onnx_path, spec, patch, size, tmp)
-            if patch is None:
-                torch_bp["trainable"] = manifest["trainable"]
-                bp = measure(args, torch_bp)
-                ort_bp = ort_variant(model, manifest["trainable"], tmp, base)
-                ort = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
             torch_gf = patch and measure(args, {**torch_bp, "patches": {
                 layer["weight"].removesuffix(".weight"): layer["patch"]
                 for layer in manifest["gradient_filter"]["plan"]}})
