@@ -259,7 +259,7 @@ def bench_profile(args: argparse.Namespace) -> None:
     import gftvm
     from gftvm import models
     from gftvm.data import synthetic
-    from bench_profile import profile_train_step, side_by_side, top_kernels
+    from bench_profile import profile_in_fresh_process, side_by_side, top_kernels
 
     profiles = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,7 +273,9 @@ def bench_profile(args: argparse.Namespace) -> None:
                                      filter=patch and gftvm.GradientFilter(patch, args.train))
             method = "BP" if patch is None else f"GF R{patch}"
             print(f"{method}: {artifact.manifest['tuned_kernels']} kernels with tuned schedules")
-            profiles[method] = profile_train_step(artifact, args.image_size, args.repeat)
+            artifact.save(os.path.join(tmp, method))
+            profiles[method] = profile_in_fresh_process(os.path.join(tmp, method), args.threads,
+                                                        args.repeat)
     title = (f"{args.model}, train {args.train}, {args.image_size}x{args.image_size}, per step "
              f"(calls, microseconds, % of the uninstrumented step); "
              f"{machine_description(args)}")
