@@ -25,9 +25,9 @@ def test_profile_kernels_account_for_the_step(mcunet_onnx, tmp_path):
     # kernels timed alone, counted per call, make up much of the step, and not more
     assert 0.25 < profile.kernel_us / (profile.step_ms * 1e3) < 1.5
     assert profile.calls["vm.builtin.alloc_tensor"] > 0
-    rows = bench_profile.side_by_side({"BP": profile, "again": profile}, top=8).splitlines()[2:]
-    kernel_rows = [row for row in rows if not row.startswith("vm.builtin")]
-    assert kernel_rows[0].startswith("conv2d ")   # the slowest kind of kernel of this net
+    table = bench_profile.side_by_side({"BP": profile, "again": profile}, top=3).splitlines()
+    assert table[2].startswith("conv2d ")   # the slowest kind of kernel of this net
+    assert any(row.startswith("vm.builtin.alloc_tensor ") for row in table)
 
 
 def test_peak_growth_sees_what_a_step_allocates():
