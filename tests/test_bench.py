@@ -1,5 +1,6 @@
 """tools/bench.py's measurement helpers on tiny configs: the kernel profile and peak memory."""
 
+import importlib.util
 import os
 import sys
 
@@ -8,9 +9,11 @@ import onnx
 import torch
 
 import gftvm
-from gftvm import models
+from gftvm import models, trainable
+from gftvm.frontend import ort
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tools"))
+TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools")
+sys.path.insert(0, TOOLS)
 import bench_profile  # noqa: E402
 import bench_steps  # noqa: E402
 
@@ -46,3 +49,18 @@ def test_train_steps_measured_in_fresh_processes(artifact_dir, tmp_path):
                                                       threads=1, repeat=3, memory_steps=2)
         assert 0 < result["peak_mib"] < 200   # MiB, not KiB or bytes
         assert 0 < result["ms"] < 10_000
+
+
+def test_ort_baseline_trains_exactly_the_same_parameters(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(TOOLS, "bench.py"))
+    bench_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cli)
+    model = models.build("mcunet")
+    models.export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
+    trained = trainable.resolve(onnx.load(tmp_path / "m.onnx"), "last:2")
+    base = {"batch": 2, "image_size": 32}
+    variant = bench_cli.ort_variant(model, trained, os.fspath(tmp_path), base)
+    assert variant is not None
+    assert ort.signature(ort.load_artifact(variant["dir"])).trainable == trained
+    assert bench_cli.ort_variant(model, [*trained, "no.such.weight"], os.fspath(tmp_path),
+                                 base) is None
