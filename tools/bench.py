@@ -134,18 +134,21 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
         trained = trainable.resolve(onnx.load(onnx_path), spec)
         torch_bp = {"kind": "torch", "dir": tmp, "model": name, "trainable": trained,
                     "patches": {}, **base}
-        bp = measure(args, torch_bp)
+        torch_bp_result = measure(args, torch_bp)
         ort_bp = ort_variant(model, trained, tmp, base)
-        ort = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
+        ort_result = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
         for patch in [None, *args.filter_patch]:
             columns, manifest = compile_gftvm(args, onnx_path, spec, patch, size, tmp)
-            torch_gf = patch and measure(args, {**torch_bp, "patches": {
+            torch_gf_result = patch and measure(args, {**torch_bp, "patches": {
                 layer["weight"].removesuffix(".weight"): layer["patch"]
                 for layer in manifest["gradient_filter"]["plan"]}})
-            row = {"model": name, "train": spec, "method": "BP" if patch is None else f"GF R{patch}",
-                   **base, **columns, "torch_bp_ms": bp["ms"],
-                   "torch_gf_ms": torch_gf and torch_gf["ms"], "ort_bp_ms": ort["ms"],
-                   "torch_peak_mib": (torch_gf or bp)["peak_mib"], "ort_peak_mib": ort["peak_mib"],
+            torch_result = torch_gf_result or torch_bp_result
+            method = "BP" if patch is None else f"GF R{patch}"
+            row = {"model": name, "train": spec, "method": method, **base, **columns,
+                   "torch_bp_ms": torch_bp_result["ms"],
+                   "torch_gf_ms": torch_gf_result and torch_gf_result["ms"],
+                   "ort_bp_ms": ort_result["ms"], "torch_peak_mib": torch_result["peak_mib"],
+                   "ort_peak_mib": ort_result["peak_mib"],
                    "saved_context_mib": manifest["saved_context_bytes"] / MIB}
             print(format_step_row(row), flush=True)
             rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
@@ -180,14 +183,14 @@ def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: in
     return columns, manifest
 
 
-def ort_variant(model, trainable: list[str], directory: str, base: dict) -> dict | None:
-    """An onnxruntime-training artifact training exactly ``trainable`` (everything else
-    frozen), or None when ORT's artifact cannot match that set."""
+def ort_variant(model, trained: list[str], directory: str, base: dict) -> dict | None:
+    """An onnxruntime-training artifact training exactly the ``trained`` parameters
+    (everything else frozen), or None when ORT's artifact cannot match that set."""
     from gftvm.errors import ConfigError
     from gftvm.frontend import ort
 
     state = model.state_dict()
-    frozen = [n for n, v in state.items() if v.is_floating_point() and n not in trainable]
+    frozen = [n for n, v in state.items() if v.is_floating_point() and n not in trained]
     variant = {"kind": "ort", "dir": os.path.join(directory, "ort"), **base}
     try:
         ort.generate_artifacts(model, variant["dir"],
@@ -196,8 +199,8 @@ def ort_variant(model, trainable: list[str], directory: str, base: dict) -> dict
     except ConfigError as err:
         print(f"ORT: {err}")
         return None
-    trained = ort.signature(ort.load_artifact(variant["dir"])).trainable
-    return variant if set(trained) == set(trainable) else None
+    ort_trained = ort.signature(ort.load_artifact(variant["dir"])).trainable
+    return variant if set(ort_trained) == set(trained) else None
 
 
 def measure(args: argparse.Namespace, variant: dict) -> dict:

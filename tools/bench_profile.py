@@ -1,14 +1,15 @@
 """Per-kernel time of a compiled train step, for tools/bench.py profile.
 
 TVM 0.27's Relax VM has no profiling mode. Steps (after the timed, uninstrumented ones) run
-with the VM's instrument hook (``VirtualMachine.set_instrument``), which records every kernel call (symbol
-and argument tensors) and times the VM's builtins (``vm.builtin.*``: allocation, shape
-checks, reshapes) in place. Each kernel is then timed alone on its recorded arguments by TVM's
-C++ ``time_evaluator`` (no Python in the timed loop) and counted once per call in the step.
-The step itself is timed without the hook. "VM runtime and rest" is the step minus the
+with the VM's instrument hook (``VirtualMachine.set_instrument``), which records every kernel
+call (symbol and argument tensors) and times the VM's builtins (``vm.builtin.*``: allocation,
+shape checks, reshapes) in place. Each kernel is then timed alone on its recorded arguments
+by TVM's C++ ``time_evaluator`` (no Python in the timed loop) and counted once per call in the
+step. The step itself is timed without the hook. "VM runtime and rest" is the step minus the
 kernels: the builtins, the VM's dispatch, and the difference between a kernel run alone (warm
 caches) and inside the step. The builtins' own rows are upper bounds: the hook's Python
-overhead (a few microseconds per call) falls inside their timed intervals.
+overhead (about half a microsecond per call) falls inside their timed intervals. Each
+artifact is profiled in a fresh process.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from gftvm.data import synthetic
 from gftvm.runtime import read_manifest
 from gftvm.state import read_state
 from gftvm.timing import median_ms
-
 
 
 def is_builtin(symbol: str) -> bool:
