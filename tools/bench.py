@@ -1,9 +1,24 @@
 #!/usr/bin/env python
 """Benchmarks, measured side by side in one run with the same thread count.
 
-    python tools/bench.py steps  [--models ...] [--train all last:4] [--batch 8] [--filter-patch 2]
-        train-step time: gftvm's compiled step, untuned and with schedules/host/ records, vs
-        PyTorch eager (BN in eval mode, SGD+momentum; gradient filtering: gftvm.reference)
+    python tools/bench.py steps  [--models ...] [--train all last:4] [--image-size 32 128]
+                                 [--filter-patch 2 4]                   (--batch 8 or 32)
+        train step of each model, trainable set and method (BP; GF per --filter-patch):
+        gftvm's compiled step untuned and with schedules/host/ records, gftvm.compile's
+        seconds with schedules (compile s), PyTorch eager BP and GF of the same layers (BN in
+        inference mode, as gftvm; GF: gftvm.reference), onnxruntime-training BP of the same
+        model and trainable set (its artifacts train BN on batch statistics; "-" where the
+        trainable set cannot be matched). SGD, momentum 0.9 (ORT: SGD). Every step is timed
+        alone in a fresh process, which also measures its peak memory (MiB): the peak
+        resident memory that the first --memory-steps steps add over the loaded model,
+        parameters and optimizer state (exactly: tools/bench_steps.py); gftvm's (tuned if it
+        has records) is printed next to PyTorch's (same method), ORT's and gftvm's static
+        plan, the manifest's saved_context_bytes. Writes the CSV (with the machine
+        description) and one plot per image size next to it.
+    python tools/bench.py profile [--model mobilenetv2-0.35] [--train last:4] [--filter-patch 2]
+        per-kernel time of the compiled train step (with schedules/host/), BP and GF side by
+        side: kernel families and each method's top kernels (calls, us, % of the step);
+        written to bench/results/profile_*.txt (tools/bench_profile.py says how it is timed)
     python tools/bench.py ort    [--models ...] [--filter-layers last:4] [--batch 8]
         train-step time of one onnxruntime-training artifact (32x32, SGD): in ORT's training
         API vs compiled by gftvm, exact (BP) and with gradient filtering R2 (GF)
@@ -26,6 +41,7 @@ import time
 
 from gftvm.timing import median_ms
 
+MIB = 1 << 20
 # (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
 PAPER_SHAPES = [(128, 120, 160), (256, 60, 80), (512, 30, 40), (512, 14, 14), (256, 14, 14),
                 (128, 28, 28), (64, 56, 56)]
@@ -36,15 +52,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=10, help="timed runs (after warm-up)")
+    parser.add_argument("--memory-steps", type=int, default=3,
+                        help="steps, ort: first steps of each measured train step, counted "
+                             "for peak memory and the timing's warm-up")
     sub = parser.add_subparsers(dest="command", required=True)
-    steps = sub.add_parser("steps", help="whole train steps vs PyTorch eager")
+    steps = sub.add_parser("steps", help="whole train steps vs PyTorch eager and ORT")
     steps.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     steps.add_argument("--train", nargs="+", default=["all", "last:4"])
-    steps.add_argument("--image-size", type=int, default=32)
+    steps.add_argument("--image-size", type=int, nargs="+", default=[32])
     steps.add_argument("--filter-patch", type=int, nargs="*", default=[],
                        help="also gradient-filtered steps (same layers as --train) with these R")
     steps.add_argument("--csv", default="bench/results/steps.csv",
-                       help="rows, with the machine description and load in comments")
+                       help="rows, with the machine description and load in comments; plots "
+                            "go next to it as <csv stem>_<image size>px.png")
+    profile = sub.add_parser("profile", help="per-kernel time of the compiled train step")
+    profile.add_argument("--model", default="mobilenetv2-0.35")
+    profile.add_argument("--train", default="last:4")
+    profile.add_argument("--image-size", type=int, default=32)
+    profile.add_argument("--filter-patch", type=int, nargs="*", default=[2],
+                         help="GF steps profiled next to BP, one per R")
+    profile.add_argument("--top", type=int, default=15, help="kernels listed per method")
+    profile.add_argument("--out", help="default: bench/results/profile_<config>.txt")
     ort = sub.add_parser("ort", help="an ORT artifact in ORT vs compiled by gftvm (BP, GF)")
     ort.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     ort.add_argument("--filter-layers", default="last:4")
@@ -55,118 +83,214 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+STEP_COLUMNS = ["model", "train", "method", "image_size", "batch", "gftvm_ms", "tuned_ms",
+                "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms", "ort_bp_ms",
+                "gftvm_peak_mib", "torch_peak_mib", "ort_peak_mib", "saved_context_mib"]
+
+
 def bench_steps(args: argparse.Namespace) -> None:
-    import copy
-
-    import torch
-
-    import gftvm
-    from gftvm import models
-    from gftvm.data import synthetic
-    from gftvm.reference import filter_convs
-
-    images, labels = synthetic(args.batch, image_size=args.image_size)
-    x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
-    print("gftvm: compiled step without tuned schedules; tuned: with schedules/host/ (count of "
-          "kernels with a record); torch: PyTorch eager, same math (GF: gftvm.reference)")
-    print(f"{'model':18} {'train':8} {'method':6} {'gftvm ms':>10} {'tuned ms':>10} "
-          f"{'kernels':>8} {'torch ms':>10} {'torch/gftvm':>12} {'torch/tuned':>12}")
+    print("gftvm: compiled step without schedules; tuned: with schedules/host/ (kernels: how many "
+          "got a record), compile s: gftvm.compile with schedules; torch BP / GF: PyTorch eager, "
+          "same layers trained, exact / filtered (gftvm.reference), BN inference mode; ORT BP: "
+          "onnxruntime-training, same trainable set, BN on batch statistics ('-': not "
+          "expressible); ratios: over tuned gftvm (untuned if no record). Peak MiB: memory the "
+          "first steps add at their peak over the loaded model (gftvm: tuned if it has records; "
+          "torch: same method); plan: gftvm's saved context. Each step is timed and measured "
+          "alone in a fresh process (tools/bench_steps.py)")
+    print(STEP_HEADER)
     rows = []
-    for name, spec, patch in itertools.product(args.models, args.train, [None, *args.filter_patch]):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            model = models.export_zoo_model(name, path, args.image_size, calibration=x_t)
-            options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3,
-                           momentum=0.9,
-                           filter=None if patch is None else gftvm.GradientFilter(patch, spec))
-            timings = {}
-            for schedules in (False, True):
-                artifact = gftvm.compile(path, schedules=schedules, **options)
-                tuned = artifact.manifest["tuned_kernels"]
-                if schedules and not tuned:
-                    break
-                artifact.save(os.path.join(tmp, str(schedules)))
-                session = gftvm.runtime.load(os.path.join(tmp, str(schedules)))
-                timings[schedules] = median_ms(lambda: session.step(images, labels),
-                                               args.repeat)
-
-        if patch is not None:
-            model = copy.deepcopy(model)
-            filter_convs(model, {layer["weight"].removesuffix(".weight"): layer["patch"]
-                                 for layer in artifact.manifest["gradient_filter"]["plan"]})
-        trained = set(artifact.manifest["trainable"])
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in trained)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                              momentum=0.9)
-
-        def torch_step() -> None:
-            loss = torch.nn.functional.cross_entropy(model(x_t), y_t)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        torch_ms = median_ms(torch_step, args.repeat)
-        method = "BP" if patch is None else f"GF R{patch}"
-        tuned_ms = timings.get(True)
-        tuned_cols = (f"{tuned_ms:10.1f} {tuned:8d}" if tuned_ms else f"{'-':>10} {0:8d}")
-        ratio = f"{torch_ms / tuned_ms:12.2f}" if tuned_ms else f"{'-':>12}"
-        print(f"{name:18} {spec:8} {method:6} {timings[False]:10.1f} {tuned_cols} "
-              f"{torch_ms:10.1f} {torch_ms / timings[False]:12.2f} {ratio}", flush=True)
-        rows.append([name, spec, method, round(timings[False], 3),
-                     round(tuned_ms, 3) if tuned_ms else "", tuned, round(torch_ms, 3)])
+    for size, name, spec in itertools.product(args.image_size, args.models, args.train):
+        rows += bench_config(args, name, spec, size)
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         f.write(f"# {machine_description(args)}\n")
-        csv.writer(f).writerows([["model", "train", "method", "gftvm_ms", "tuned_ms",
-                                  "tuned_kernels", "torch_ms"], *rows])
-    plot = os.path.splitext(args.csv)[0] + ".png"
-    plot_steps(rows, f"train step, {machine_description(args)}", plot)
-    print(f"wrote {args.csv} and {plot}")
+        writer = csv.DictWriter(f, STEP_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.csv}")
+    for size in args.image_size:
+        plot = f"{os.path.splitext(args.csv)[0]}_{size}px.png"
+        plot_steps([r for r in rows if r["image_size"] == size],
+                   f"train step {size}x{size}, {machine_description(args)}", plot)
+        print(f"wrote {plot}")
+
+
+def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> list[dict]:
+    """The rows of one model and trainable set: BP, then GF for each --filter-patch."""
+    import onnx
+    import torch
+
+    from gftvm import models, trainable
+    from gftvm.data import synthetic
+    from bench_steps import MODEL_STATE
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        images, _ = synthetic(args.batch, image_size=size)
+        onnx_path = os.path.join(tmp, "model.onnx")
+        model = models.export_zoo_model(name, onnx_path, size, calibration=torch.from_numpy(images))
+        torch.save(model.state_dict(), os.path.join(tmp, MODEL_STATE))
+        base = {"batch": args.batch, "image_size": size}
+        trained = trainable.resolve(onnx.load(onnx_path), spec)
+        torch_bp = {"kind": "torch", "dir": tmp, "model": name, "trainable": trained,
+                    "patches": {}, **base}
+        torch_bp_result = measure(args, torch_bp)
+        ort_bp = ort_variant(model, trained, tmp, base)
+        ort_result = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
+        for patch in [None, *args.filter_patch]:
+            columns, manifest = compile_gftvm(args, onnx_path, spec, patch, size, tmp)
+            torch_gf_result = patch and measure(args, {**torch_bp, "patches": {
+                layer["weight"].removesuffix(".weight"): layer["patch"]
+                for layer in manifest["gradient_filter"]["plan"]}})
+            torch_result = torch_gf_result or torch_bp_result
+            method = "BP" if patch is None else f"GF R{patch}"
+            row = {"model": name, "train": spec, "method": method, **base, **columns,
+                   "torch_bp_ms": torch_bp_result["ms"],
+                   "torch_gf_ms": torch_gf_result and torch_gf_result["ms"],
+                   "ort_bp_ms": ort_result["ms"], "torch_peak_mib": torch_result["peak_mib"],
+                   "ort_peak_mib": ort_result["peak_mib"],
+                   "saved_context_mib": manifest["saved_context_bytes"] / MIB}
+            print(format_step_row(row), flush=True)
+            rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
+
+
+def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: int | None,
+                  size: int, directory: str) -> tuple[dict, dict]:
+    """Compile untuned and with schedules, time both steps. Returns the row's gftvm columns
+    (peak memory: of the tuned step if it has records) and the manifest."""
+    import gftvm
+
+    options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
+                   filter=None if patch is None else gftvm.GradientFilter(patch, spec))
+    columns = {"tuned_ms": None}
+    for schedules in (False, True):
+        start = time.perf_counter()
+        artifact = gftvm.compile(onnx_path, schedules=schedules, **options)
+        seconds = time.perf_counter() - start
+        tuned = artifact.manifest["tuned_kernels"]
+        if schedules:
+            columns.update(compile_s=seconds, tuned_kernels=tuned)
+        if schedules and not tuned:
+            break
+        variant = {"kind": "gftvm", "batch": args.batch, "image_size": size,
+                   "dir": os.path.join(directory, f"gftvm_{patch}_{schedules}")}
+        artifact.save(variant["dir"])
+        result = measure(args, variant)
+        columns.update({"tuned_ms" if schedules else "gftvm_ms": result["ms"],
+                        "gftvm_peak_mib": result["peak_mib"]})
+        manifest = artifact.manifest
+    return columns, manifest
+
+
+def ort_variant(model, trained: list[str], directory: str, base: dict) -> dict | None:
+    """An onnxruntime-training artifact training exactly the ``trained`` parameters
+    (everything else frozen), or None when ORT's artifact cannot match that set."""
+    from gftvm.errors import ConfigError
+    from gftvm.frontend import ort
+
+    state = model.state_dict()
+    frozen = [n for n, v in state.items() if v.is_floating_point() and n not in trained]
+    variant = {"kind": "ort", "dir": os.path.join(directory, "ort"), **base}
+    try:
+        ort.generate_artifacts(model, variant["dir"],
+                               (base["batch"], 3, base["image_size"], base["image_size"]),
+                               frozen=frozen)
+    except ConfigError as err:
+        print(f"ORT: {err}")
+        return None
+    ort_trained = ort.signature(ort.load_artifact(variant["dir"])).trainable
+    return variant if set(ort_trained) == set(trained) else None
+
+
+def measure(args: argparse.Namespace, variant: dict) -> dict:
+    """``ms`` and ``peak_mib`` of the variant's step, in a fresh process."""
+    from bench_steps import measure_in_fresh_process
+
+    return measure_in_fresh_process(variant, args.threads, args.repeat, args.memory_steps)
+
+
+STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'gftvm ms':>9} {'tuned ms':>9} "
+               f"{'kernels':>7} {'compile s':>9} {'torch BP':>9} {'torch GF':>9} {'ORT BP':>9} "
+               f"{'tBP/gftvm':>9} {'ORT/gftvm':>9} | {'peak MiB: gftvm':>15} {'torch':>7} "
+               f"{'ORT':>7} {'plan':>7}")
+
+
+def format_step_row(row: dict) -> str:
+    cell = lambda value, width, digits=1: (f"{'-':>{width}}" if value is None
+                                           else f"{value:{width}.{digits}f}")
+    best = row["tuned_ms"] or row["gftvm_ms"]
+    ratio = lambda key: cell(None if row[key] is None else row[key] / best, 9)
+    memory = " ".join(cell(row.get(key), width, 2) for key, width in
+                      [("gftvm_peak_mib", 15), ("torch_peak_mib", 7), ("ort_peak_mib", 7),
+                       ("saved_context_mib", 7)])
+    return (f"{row['model']:17} {row['train']:7} {row['method']:6} {cell(row['gftvm_ms'], 9)} "
+            f"{cell(row['tuned_ms'], 9)} {row['tuned_kernels']:7d} {cell(row['compile_s'], 9)} "
+            f"{cell(row['torch_bp_ms'], 9)} {cell(row['torch_gf_ms'], 9)} "
+            f"{cell(row['ort_bp_ms'], 9)} {ratio('torch_bp_ms')} {ratio('ort_bp_ms')} | {memory}")
 
 
 def bench_ort(args: argparse.Namespace) -> None:
-    import onnxruntime
     import torch
-    from onnxruntime.training import api as ort_api
 
     import gftvm
     from gftvm import models
-    from gftvm.data import synthetic
     from gftvm.frontend import ort
 
-    images, labels = synthetic(args.batch, image_size=32)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = args.threads
-    lr = 1e-3
     print(f"{'model':18} {'ORT ms':>9} {'gftvm BP ms':>12} {'gftvm GF ms':>12} "
           f"{'ORT/BP':>7} {'ORT/GF':>7}  (GF: R2, {args.filter_layers})")
     for name in args.models:
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
             ort.generate_artifacts(models.build(name), tmp, (args.batch, 3, 32, 32))
-            state = ort_api.CheckpointState.load_checkpoint(os.path.join(tmp, ort.CHECKPOINT))
-            module = ort_api.Module(os.path.join(tmp, ort.TRAINING), state,
-                                    os.path.join(tmp, ort.EVAL), session_options=options)
-            optimizer = ort_api.Optimizer(os.path.join(tmp, ort.OPTIMIZER), module)
-            optimizer.set_learning_rate(lr)
-            module.train()
-
-            def ort_step() -> None:
-                module(images, labels)
-                optimizer.step()
-                module.lazy_reset_grad()
-
-            ort_ms = median_ms(ort_step, args.repeat)
+            ort_ms = measure(args, {"kind": "ort", "dir": tmp, "batch": args.batch,
+                                    "image_size": 32})["ms"]
             gftvm_ms = []
             for grad_filter in (None, gftvm.GradientFilter(2, args.filter_layers)):
                 artifact = os.path.join(tmp, "gf" if grad_filter else "bp")
-                gftvm.compile(tmp, lr=lr, filter=grad_filter).save(artifact)
-                session = gftvm.runtime.load(artifact)
-                gftvm_ms.append(median_ms(lambda: session.step(images, labels), args.repeat))
+                gftvm.compile(tmp, lr=1e-3, filter=grad_filter).save(artifact)
+                gftvm_ms.append(measure(args, {"kind": "gftvm", "dir": artifact,
+                                               "batch": args.batch, "image_size": 32})["ms"])
         bp, gf = gftvm_ms
         print(f"{name:18} {ort_ms:9.1f} {bp:12.1f} {gf:12.1f} {ort_ms / bp:7.2f} "
               f"{ort_ms / gf:7.2f}", flush=True)
+
+
+def bench_profile(args: argparse.Namespace) -> None:
+    import torch
+
+    import gftvm
+    from gftvm import models
+    from gftvm.data import synthetic
+    from bench_profile import profile_in_fresh_process, side_by_side, top_kernels
+
+    profiles = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = os.path.join(tmp, "model.onnx")
+        images, _ = synthetic(args.batch, image_size=args.image_size)
+        models.export_zoo_model(args.model, onnx_path, args.image_size,
+                                calibration=torch.from_numpy(images))
+        for patch in [None, *args.filter_patch]:
+            artifact = gftvm.compile(onnx_path, trainable=args.train, batch_size=args.batch,
+                                     optimizer="sgd", lr=1e-3, momentum=0.9,
+                                     filter=patch and gftvm.GradientFilter(patch, args.train))
+            method = "BP" if patch is None else f"GF R{patch}"
+            print(f"{method}: {artifact.manifest['tuned_kernels']} kernels with tuned schedules")
+            artifact.save(os.path.join(tmp, method))
+            profiles[method] = profile_in_fresh_process(os.path.join(tmp, method), args.threads,
+                                                        args.repeat)
+    title = (f"{args.model}, train {args.train}, {args.image_size}x{args.image_size}, per step "
+             f"(calls, microseconds, % of the uninstrumented step); "
+             f"{machine_description(args)}")
+    text = "\n\n".join([title, side_by_side(profiles, args.top),
+                         *(top_kernels(m, p, args.top) for m, p in profiles.items())])
+    print(text)
+    out = args.out or (f"bench/results/profile_{args.model}_{args.train.replace(':', '')}_"
+                       f"{args.image_size}px_b{args.batch}.txt")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {out}")
 
 
 def compiled_filtered_backward(layer):
@@ -269,28 +393,42 @@ def pyplot():
     return plt
 
 
-def plot_steps(rows: list[list], title: str, path: str) -> None:
-    """Grouped bars: ms per step of each method (gftvm untuned, tuned, PyTorch) per config."""
-    import numpy as np
+STEP_BARS = {"time": [("gftvm_ms", "gftvm untuned"), ("tuned_ms", "gftvm tuned"),
+                      ("torch_bp_ms", "PyTorch BP"), ("torch_gf_ms", "PyTorch GF"),
+                      ("ort_bp_ms", "ORT BP")],
+             "memory": [("gftvm_peak_mib", "gftvm"), ("torch_peak_mib", "PyTorch"),
+                        ("ort_peak_mib", "ORT BP"), ("saved_context_mib", "gftvm plan")]}
 
+
+def plot_steps(rows: list[dict], title: str, path: str) -> None:
+    """Grouped bars per config: ms per step (left), peak MiB (right)."""
     plt = pyplot()
-    labels = [f"{model}\n{train} {method}" for model, train, method, *_ in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 4))
-    for offset, (column, name) in zip((-0.27, 0, 0.27), [(3, "gftvm untuned"),
-                                                          (4, "gftvm tuned"),
-                                                          (6, "PyTorch eager")]):
-        ms = [r[column] or 0 for r in rows]
-        bars = ax.bar(x + offset, ms, 0.27, label=name)
-        ax.bar_label(bars, [f"{v:.1f}" if v else "-" for v in ms], fontsize=7)
-    values = [v for r in rows for v in (r[3], r[4], r[6]) if v]
-    ax.set_yscale("log" if max(values) > 30 * min(values) else "linear")
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("ms per train step")
-    ax.set_title(title, fontsize=7, pad=24)
-    ax.legend(fontsize=8, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    panels = [("time", "ms per train step"), ("memory", "peak train-step memory (MiB)")]
+    width = max(5.0, 1.4 * len(rows) + 2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.5), squeeze=False)
+    for ax, (panel, ylabel) in zip(axes[0], panels):
+        grouped_bars(ax, rows, STEP_BARS[panel])
+        ax.set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def grouped_bars(ax, rows: list[dict], series: list[tuple[str, str]]) -> None:
+    """One bar per (column, label) in ``series`` for each row; missing values are left out."""
+    import numpy as np
+
+    x = np.arange(len(rows))
+    bar = 0.8 / len(series)
+    for i, (column, label) in enumerate(series):
+        values = [r.get(column) or 0 for r in rows]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * bar, values, bar, label=label)
+        ax.bar_label(bars, [f"{v:.3g}" if v else "" for v in values], fontsize=6, rotation=90)
+    values = [r.get(c) for r in rows for c, _ in series if r.get(c)]
+    ax.set_yscale("log" if values and max(values) > 30 * min(values) else "linear")
+    ax.set_xticks(x, [f"{r['model']}\n{r['train']} {r['method']}" for r in rows], fontsize=7)
+    ax.legend(fontsize=7, ncols=len(series), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              frameon=False)
 
 
 def plot_layers(rows: list[list], path: str) -> None:
@@ -324,7 +462,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     print(machine_description(args))
-    {"steps": bench_steps, "ort": bench_ort, "layers": bench_layers}[args.command](args)
+    {"steps": bench_steps, "profile": bench_profile, "ort": bench_ort,
+     "layers": bench_layers}[args.command](args)
     return 0
 
 

@@ -1,0 +1,66 @@
+"""tools/bench.py's measurement helpers on tiny configs: the kernel profile and peak memory."""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import onnx
+import torch
+
+import gftvm
+from gftvm import models, trainable
+from gftvm.frontend import ort
+
+TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools")
+sys.path.insert(0, TOOLS)
+import bench_profile  # noqa: E402
+import bench_steps  # noqa: E402
+
+
+def test_profile_kernels_account_for_the_step(mcunet_onnx, tmp_path):
+    gftvm.compile(mcunet_onnx, trainable="last:2", batch_size=2, schedules=False).save(tmp_path)
+    profile = bench_profile.profile_in_fresh_process(os.fspath(tmp_path), threads=1, repeat=5)
+    families = profile.family()
+    convs = sum(node.op_type == "Conv" for node in onnx.load(mcunet_onnx).graph.node)
+    assert families.calls["conv2d"] >= convs      # every forward conv is a recorded call
+    assert all(us > 0 for name, us in profile.us.items() if not bench_profile.is_builtin(name))
+    # kernels timed alone, counted per call, make up much of the step, and not more
+    assert 0.25 < profile.kernel_us / (profile.step_ms * 1e3) < 1.5
+    assert profile.calls["vm.builtin.alloc_tensor"] > 0
+    table = bench_profile.side_by_side({"BP": profile, "again": profile}, top=3).splitlines()
+    assert table[2].startswith("conv2d ")   # the slowest kind of kernel of this net
+    assert any(row.startswith("vm.builtin.alloc_tensor ") for row in table)
+
+
+def test_peak_growth_sees_what_a_step_allocates():
+    assert bench_steps.peak_growth_mib(lambda: np.ones(8 << 20).sum(), steps=2) > 60  # 64 MiB
+    assert bench_steps.peak_growth_mib(lambda: None, steps=2) < 8
+
+
+def test_train_steps_measured_in_fresh_processes(artifact_dir, tmp_path):
+    manifest = gftvm.runtime.load(artifact_dir).manifest
+    torch.save(models.build("mcunet").state_dict(), tmp_path / bench_steps.MODEL_STATE)
+    variants = [{"kind": "gftvm", "dir": os.fspath(artifact_dir)},
+                {"kind": "torch", "dir": os.fspath(tmp_path), "model": "mcunet",
+                 "trainable": manifest["trainable"], "patches": {}}]
+    for variant in variants:
+        result = bench_steps.measure_in_fresh_process({**variant, "batch": 4, "image_size": 32},
+                                                      threads=1, repeat=3, memory_steps=2)
+        assert 0 < result["peak_mib"] < 200   # MiB, not KiB or bytes
+        assert 0 < result["ms"] < 10_000
+
+
+def test_ort_baseline_trains_exactly_the_same_parameters(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(TOOLS, "bench.py"))
+    bench_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cli)
+    model = models.build("mcunet")
+    models.export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
+    trained = trainable.resolve(onnx.load(tmp_path / "m.onnx"), "last:2")
+    base = {"batch": 2, "image_size": 32}
+    variant = bench_cli.ort_variant(model, trained, os.fspath(tmp_path), base)
+    assert variant is not None
+    assert ort.signature(ort.load_artifact(variant["dir"])).trainable == trained
+    assert bench_cli.ort_variant(model, [*trained, "no.such.weight"], os.fspath(tmp_path),
+                                 base) is None

@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Train-step variants for tools/bench.py, built from files in a work directory, each timed
+and measured in a fresh process (``python tools/bench_steps.py VARIANT_JSON THREADS REPEAT
+MEMORY_STEPS`` prints ``{"peak_mib": ..., "ms": ...}``), so that no framework's thread pool or
+allocator disturbs another's.
+
+A variant is a JSON-able dict: ``kind`` ("gftvm", "torch" or "ort"), ``dir`` (a gftvm artifact,
+a directory with ``model.pt`` (the zoo model's state_dict) or an ORT artifact), ``batch``,
+``image_size``, and for "torch" ``model`` (zoo name), ``trainable`` (parameter names) and
+``patches`` (gradient-filtered Conv2d module -> R). Every variant steps on
+``gftvm.data.synthetic(batch, image_size=image_size)``.
+
+Peak train-step memory: after imports, loading and input creation, the peak resident set
+(VmHWM) is reset (``/proc/self/clear_refs``); then ``MEMORY_STEPS`` steps run (also the
+warm-up of the timing) and ``peak_mib`` is VmHWM minus the resident set (VmRSS) just before
+the first step: the memory the steps add at their peak (activations, saved context,
+gradients, allocator pools, thread stacks) on top of the loaded model, its parameters and
+optimizer state. PyTorch's momentum buffers are allocated before that baseline, as gftvm's and
+ORT's optimizer state is at load. What the first steps initialise once counts too: for
+PyTorch about 16-20 MiB that stay resident (MCUNet, batch 2, one thread), which dominates
+small configurations. ``ms``: the median of ``REPEAT`` further steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+from gftvm.timing import median_ms
+
+MODEL_STATE = "model.pt"
+
+
+def inputs(variant: dict):
+    from gftvm.data import synthetic
+
+    return synthetic(variant["batch"], image_size=variant["image_size"])
+
+
+def gftvm_step(variant: dict) -> Callable[[], object]:
+    import gftvm
+
+    session = gftvm.runtime.load(variant["dir"])
+    images, labels = inputs(variant)
+    return lambda: session.step(images, labels)
+
+
+def torch_model(variant: dict):
+    """The zoo model with the state_dict saved in the variant's directory, BN in inference
+    mode (as gftvm trains), the named Conv2d modules gradient-filtered (gftvm.reference)."""
+    import torch
+
+    from gftvm import models
+    from gftvm.reference import filter_convs
+
+    model = models.build(variant["model"])
+    model.load_state_dict(torch.load(os.path.join(variant["dir"], MODEL_STATE)))
+    model.eval()
+    filter_convs(model, variant["patches"])
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in variant["trainable"])
+    return model
+
+
+def torch_step(variant: dict) -> Callable[[], object]:
+    """PyTorch eager: cross-entropy, backward, SGD with momentum 0.9 (lr 1e-3)."""
+    import torch
+
+    model = torch_model(variant)
+    images, labels = (torch.from_numpy(a) for a in inputs(variant))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    for param in params:  # allocate the momentum buffers now (a zero step changes nothing)
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad()
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def ort_step(variant: dict, threads: int) -> Callable[[], object]:
+    """onnxruntime-training's training API on the artifact: forward+backward, SGD step."""
+    import onnxruntime
+    from onnxruntime.training import api as ort_api
+
+    from gftvm.frontend import ort
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    path = lambda name: os.path.join(variant["dir"], name)
+    state = ort_api.CheckpointState.load_checkpoint(path(ort.CHECKPOINT))
+    module = ort_api.Module(path(ort.TRAINING), state, path(ort.EVAL), session_options=options)
+    optimizer = ort_api.Optimizer(path(ort.OPTIMIZER), module)
+    optimizer.set_learning_rate(1e-3)
+    module.train()
+    images, labels = inputs(variant)
+
+    def step() -> None:
+        module(images, labels)
+        optimizer.step()
+        module.lazy_reset_grad()
+
+    return step
+
+
+def make_step(variant: dict, threads: int) -> Callable[[], object]:
+    """The variant's train step, ready to call (everything loaded)."""
+    if variant["kind"] == "ort":
+        return ort_step(variant, threads)
+    return {"gftvm": gftvm_step, "torch": torch_step}[variant["kind"]](variant)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} (peak memory needs Linux)")
+
+
+def peak_growth_mib(step: Callable[[], object], steps: int) -> float:
+    """Peak resident memory that ``steps`` calls of ``step`` add, in MiB (see module doc)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    for _ in range(steps):
+        step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def measure(variant: dict, threads: int, repeat: int, memory_steps: int) -> dict:
+    """``peak_mib`` (:func:`peak_growth_mib` of the first ``memory_steps`` steps) and ``ms``
+    (median of ``repeat`` steps after those)."""
+    step = make_step(variant, threads)
+    peak = peak_growth_mib(step, memory_steps)
+    return {"peak_mib": peak, "ms": median_ms(step, repeat, warmup=0)}
+
+
+def measure_in_fresh_process(variant: dict, threads: int, repeat: int,
+                             memory_steps: int = 3) -> dict:
+    """:func:`measure` in a new Python process, alone with its own thread pools."""
+    command = [sys.executable, os.path.abspath(__file__), json.dumps(variant), str(threads),
+               str(repeat), str(memory_steps)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring the {variant['kind']} step of {variant['dir']} failed:\n"
+                           f"{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    variant = json.loads(sys.argv[1])
+    threads, repeat, memory_steps = (int(a) for a in sys.argv[2:5])
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    print(json.dumps(measure(variant, threads, repeat, memory_steps)))
+
+
+if __name__ == "__main__":
+    main()
