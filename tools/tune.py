@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import os
 import sys
 import time
@@ -71,11 +72,23 @@ def train_steps(args: argparse.Namespace, log) -> list:
             for patch in [None, *args.filter_patch]]
 
 
+def kernel_ops(task_name: str, kinds: set[str]) -> set[str]:
+    """The ``kinds`` among the ops a kernel fuses, read off its name
+    (``fused_conv2d_transpose1_where`` -> {conv2d_transpose}; the longest kind wins)."""
+    found = set()
+    for start in [0, *(m.end() for m in re.finditer("_", task_name))]:
+        ops = [k for k in kinds if task_name.startswith(k, start)
+               and re.match(r"\d*(_|$)", task_name[start + len(k):])]
+        if ops:
+            found.add(max(ops, key=len))
+    return found
+
+
 def selected(tasks: list, ops: str) -> list:
     if ops == "all":
         return tasks
     kinds = set(ops.split(","))
-    return [t for t in tasks if t.task_name.rstrip("0123456789") in kinds]
+    return [t for t in tasks if kernel_ops(t.task_name, kinds | set(HEAVY_OPS)) & kinds]
 
 
 def main(argv: list[str] | None = None) -> int:
