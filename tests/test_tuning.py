@@ -76,7 +76,7 @@ def test_tuned_kernel_differs_from_untuned(tuned):
     changed = [gv.name_hint for gv, func in scheduled.functions.items()
                if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
                and tuning.SCHEDULED_ATTR in func.attrs]
-    assert len(changed) == 1 and changed[0].startswith("conv2d_transpose")
+    assert len(changed) == 1 and "conv2d_transpose" in changed[0]
     assert not lowered[changed[0]].same_as(scheduled[changed[0]])
     assert str(lowered[changed[0]]) != str(scheduled[changed[0]])
 
