@@ -182,29 +182,32 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
             weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
             eps: float = 1e-8, filter: GradientFilter | None = None,
             progress: Callable[[str], None] | None = None,
-            schedules: str | os.PathLike | bool = True) -> Artifact:
+            schedules: str | os.PathLike | bool = True,
+            default_schedule: bool = True) -> Artifact:
     """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
     ``predict`` function of a forward ONNX model. ``schedules``: the tuning database applied
-    (True: ``schedules/<target>/`` when present, False: none, or a database directory). See
-    README for the other options."""
+    (True: ``schedules/<target>/`` when present, False: none, or a database directory);
+    ``default_schedule``: give the other kernels gftvm's default schedule (False: TVM's naive
+    loops). See README for the other options."""
     targets.get(target)
     program = build_program(model, trainable, batch_size, optimizer, lr, momentum,
                             weight_decay, betas, eps, filter, progress)
-    return _package(program, target, schedules, progress)
+    return _package(program, target, schedules, default_schedule, progress)
 
 
 def compile_ort(artifact: str | os.PathLike, target: str = "host", batch_size: int | None = None,
                 lr: float = ORT_DEFAULT_LR, filter: GradientFilter | None = None,
                 progress: Callable[[str], None] | None = None,
-                schedules: str | os.PathLike | bool = True) -> Artifact:
+                schedules: str | os.PathLike | bool = True,
+                default_schedule: bool = True) -> Artifact:
     """Compile an onnxruntime-training artifact (see :func:`build_ort_program`)."""
     targets.get(target)
     program = build_ort_program(artifact, batch_size, lr, filter, progress)
-    return _package(program, target, schedules, progress)
+    return _package(program, target, schedules, default_schedule, progress)
 
 
 def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | bool,
-             progress: Callable[[str], None] | None) -> Artifact:
+             default_schedule: bool, progress: Callable[[str], None] | None) -> Artifact:
     """Compile the training module for ``target`` and describe it in the manifest."""
     say = progress or (lambda message: None)
     built = program.built
@@ -213,7 +216,7 @@ def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | 
     tvm_target = spec.tvm_target()
     database = tuning.database_for(spec, schedules, say)
     say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
-    executable, tuned = tuning.compile_module(built.mod, tvm_target, database)
+    executable, tuned = tuning.compile_module(built.mod, tvm_target, database, default_schedule)
     say(f"compiled for {target} in {time.perf_counter() - start:.1f}s"
         + (f" ({tuned} kernels with tuned schedules)" if database is not None else ""))
 
@@ -235,6 +238,7 @@ def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | 
         "optim_state": [{"shape": list(v.shape), "dtype": str(v.dtype)}
                         for v in built.optim_state],
         "tuned_kernels": tuned,
+        "default_schedule": default_schedule,
         "versions": {"gftvm": __version__, "tvm": tvm.__version__},
     }
     state = TrainState(dict(zip(param_names, built.params)), built.optim_state, {"steps": 0})

@@ -4,7 +4,8 @@
     python tools/bench.py steps  [--models ...] [--train all last:4] [--image-size 32 128]
                                  [--filter-patch 2 4]                   (--batch 8 or 32)
         train step of each model, trainable set and method (BP; GF per --filter-patch):
-        gftvm's compiled step untuned and with schedules/host/ records, gftvm.compile's
+        gftvm's compiled step with TVM's naive loops (naive), with gftvm's default schedules
+        (gftvm) and with schedules/host/ records too (tuned), gftvm.compile's
         seconds with schedules (compile s), PyTorch eager BP and GF of the same layers (BN in
         inference mode, as gftvm; GF: gftvm.reference), onnxruntime-training BP of the same
         model and trainable set (its artifacts train BN on batch statistics; "-" where the
@@ -83,13 +84,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-STEP_COLUMNS = ["model", "train", "method", "image_size", "batch", "gftvm_ms", "tuned_ms",
+STEP_COLUMNS = ["model", "train", "method", "image_size", "batch", "naive_ms", "gftvm_ms",
+                "tuned_ms",
                 "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms", "ort_bp_ms",
                 "gftvm_peak_mib", "torch_peak_mib", "ort_peak_mib", "saved_context_mib"]
 
 
 def bench_steps(args: argparse.Namespace) -> None:
-    print("gftvm: compiled step without schedules; tuned: with schedules/host/ (kernels: how many "
+    print("naive: compiled step with TVM's naive loops; gftvm: with gftvm's default schedules; "
+          "tuned: with schedules/host/ records too (kernels: how many "
           "got a record), compile s: gftvm.compile with schedules; torch BP / GF: PyTorch eager, "
           "same layers trained, exact / filtered (gftvm.reference), BN inference mode; ORT BP: "
           "onnxruntime-training, same trainable set, BN on batch statistics ('-': not "
@@ -157,16 +160,19 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
 
 def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: int | None,
                   size: int, directory: str) -> tuple[dict, dict]:
-    """Compile untuned and with schedules, time both steps. Returns the row's gftvm columns
-    (peak memory: of the tuned step if it has records) and the manifest."""
+    """Compile with naive loops, default schedules and tuned records, time each step. Returns
+    the row's gftvm columns (peak memory: of the tuned step if it has records, else of the
+    default one) and the manifest."""
     import gftvm
 
     options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
                    filter=None if patch is None else gftvm.GradientFilter(patch, spec))
     columns = {"tuned_ms": None}
-    for schedules in (False, True):
+    for column, schedules, default in [("naive_ms", False, False), ("gftvm_ms", False, True),
+                                       ("tuned_ms", True, True)]:
         start = time.perf_counter()
-        artifact = gftvm.compile(onnx_path, schedules=schedules, **options)
+        artifact = gftvm.compile(onnx_path, schedules=schedules, default_schedule=default,
+                                 **options)
         seconds = time.perf_counter() - start
         tuned = artifact.manifest["tuned_kernels"]
         if schedules:
@@ -174,11 +180,12 @@ def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: in
         if schedules and not tuned:
             break
         variant = {"kind": "gftvm", "batch": args.batch, "image_size": size,
-                   "dir": os.path.join(directory, f"gftvm_{patch}_{schedules}")}
+                   "dir": os.path.join(directory, f"gftvm_{patch}_{column}")}
         artifact.save(variant["dir"])
         result = measure(args, variant)
-        columns.update({"tuned_ms" if schedules else "gftvm_ms": result["ms"],
-                        "gftvm_peak_mib": result["peak_mib"]})
+        columns[column] = result["ms"]
+        if default:
+            columns["gftvm_peak_mib"] = result["peak_mib"]
         manifest = artifact.manifest
     return columns, manifest
 
@@ -210,7 +217,8 @@ def measure(args: argparse.Namespace, variant: dict) -> dict:
     return measure_in_fresh_process(variant, args.threads, args.repeat, args.memory_steps)
 
 
-STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'gftvm ms':>9} {'tuned ms':>9} "
+STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'naive ms':>9} {'gftvm ms':>9} "
+               f"{'tuned ms':>9} "
                f"{'kernels':>7} {'compile s':>9} {'torch BP':>9} {'torch GF':>9} {'ORT BP':>9} "
                f"{'tBP/gftvm':>9} {'ORT/gftvm':>9} | {'peak MiB: gftvm':>15} {'torch':>7} "
                f"{'ORT':>7} {'plan':>7}")
@@ -224,7 +232,8 @@ def format_step_row(row: dict) -> str:
     memory = " ".join(cell(row.get(key), width, 2) for key, width in
                       [("gftvm_peak_mib", 15), ("torch_peak_mib", 7), ("ort_peak_mib", 7),
                        ("saved_context_mib", 7)])
-    return (f"{row['model']:17} {row['train']:7} {row['method']:6} {cell(row['gftvm_ms'], 9)} "
+    return (f"{row['model']:17} {row['train']:7} {row['method']:6} {cell(row['naive_ms'], 9)} "
+            f"{cell(row['gftvm_ms'], 9)} "
             f"{cell(row['tuned_ms'], 9)} {row['tuned_kernels']:7d} {cell(row['compile_s'], 9)} "
             f"{cell(row['torch_bp_ms'], 9)} {cell(row['torch_gf_ms'], 9)} "
             f"{cell(row['ort_bp_ms'], 9)} {ratio('torch_bp_ms')} {ratio('ort_bp_ms')} | {memory}")
@@ -393,7 +402,8 @@ def pyplot():
     return plt
 
 
-STEP_BARS = {"time": [("gftvm_ms", "gftvm untuned"), ("tuned_ms", "gftvm tuned"),
+STEP_BARS = {"time": [("naive_ms", "gftvm naive loops"), ("gftvm_ms", "gftvm default"),
+                      ("tuned_ms", "gftvm tuned"),
                       ("torch_bp_ms", "PyTorch BP"), ("torch_gf_ms", "PyTorch GF"),
                       ("ort_bp_ms", "ORT BP")],
              "memory": [("gftvm_peak_mib", "gftvm"), ("torch_peak_mib", "PyTorch"),

@@ -31,10 +31,20 @@ from gftvm.data import synthetic
 from gftvm.runtime import read_manifest
 from gftvm.state import read_state
 from gftvm.timing import median_ms
+from tune import HEAVY_OPS, kernel_ops
 
 
 def is_builtin(symbol: str) -> bool:
     return symbol.startswith("vm.builtin.")
+
+
+def kind_of(kernel: str) -> str:
+    """The heavy op a kernel fuses (``fused_conv2d17_add3_relu`` -> ``conv2d``; tune.HEAVY_OPS),
+    else its name without ``fused_`` and numbering (``fused_multiply2_add5`` -> ``multiply_add``)."""
+    ops = kernel_ops(kernel, set(HEAVY_OPS))
+    if ops:
+        return max(ops, key=len)
+    return re.sub(r"(?<=[a-z])\d+(?=_|$)", "", kernel.removeprefix("fused_"))
 
 
 @dataclass
@@ -46,11 +56,11 @@ class Profile:
     calls: Counter
 
     def family(self) -> "Profile":
-        """The kernels grouped by kind: numbering suffixes dropped (``conv2d17`` -> ``conv2d``).
-        Numbered names are per module, so only families compare across two train steps."""
+        """The kernels grouped by kind (:func:`kind_of`). Numbered names are per module, so only
+        kinds compare across two train steps."""
         us, calls = Counter(), Counter()
         for name in self.us:
-            kind = re.sub(r"\d+$", "", name)
+            kind = kind_of(name)
             us[kind] += self.us[name]
             calls[kind] += self.calls[name]
         return Profile(self.step_ms, us, calls)
