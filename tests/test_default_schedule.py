@@ -112,3 +112,23 @@ def test_tuned_kernels_are_left_alone():
     mod[gvar] = func.with_attr(SCHEDULED_ATTR, True)
     with HOST:
         tvm.ir.assert_structural_equal(DefaultCPUSchedule()(mod)[gvar], mod[gvar])
+
+
+def test_train_step_equals_naive_loops(mcunet_onnx, tmp_path):
+    """A whole filtered train step (all kernels default-scheduled) against TVM's naive loops."""
+    import gftvm
+    from gftvm.data import synthetic
+
+    x, y = synthetic(4, image_size=32)
+    results = []
+    for default in (False, True):
+        gftvm.compile(mcunet_onnx, trainable="all", batch_size=4, momentum=0.9, schedules=False,
+                      default_schedule=default, filter=gftvm.GradientFilter(2, "last:2")
+                      ).save(tmp_path / str(default))
+        session = gftvm.runtime.load(tmp_path / str(default))
+        losses = [session.step(x, y) for _ in range(2)]
+        results.append((losses, session.parameters()))
+    (naive_losses, naive), (losses, params) = results
+    np.testing.assert_allclose(losses, naive_losses, rtol=1e-5)
+    for name, value in naive.items():
+        np.testing.assert_allclose(params[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
