@@ -303,11 +303,12 @@ def bench_profile(args: argparse.Namespace) -> None:
 
 
 def compiled_filtered_backward(layer):
-    """backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops, compiled alone."""
+    """backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops, compiled alone
+    (fused and default-scheduled as in a train step)."""
     import tvm
     from tvm import relax
 
-    from gftvm import targets
+    from gftvm import targets, tuning
     from gftvm.passes.gradient_filter import (filtered_grad_input, filtered_grad_weight,
                                               pooled_gradient)
 
@@ -323,8 +324,8 @@ def compiled_filtered_backward(layer):
             grad_w = bb.emit(filtered_grad_weight(bb, g_pool, x_sum, layer))
             out = bb.emit_output(relax.Tuple([grad_x, grad_w]))
         bb.emit_func_output(out)
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), targets.get("host").tvm_target()), tvm.cpu())
-    return vm["backward"]
+    executable, _ = tuning.compile_module(bb.get(), targets.get("host").tvm_target(), None)
+    return relax.VirtualMachine(executable, tvm.cpu())["backward"]
 
 
 def eager_filtered_backward(gy, x_sum, w, patch):
