@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -70,7 +71,14 @@ def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
                               f"({RECORDS}) in that directory")
         return None
     say(f"applying tuned schedules from {directory}")
-    return open_database(directory)
+    database = open_database(directory)
+    cpus = {str(r.target.attrs.get("mcpu")) for r in database.get_all_tuning_records()}
+    cpu = str(spec.tvm_target().attrs.get("mcpu"))
+    if cpus - {cpu}:
+        warnings.warn(f"{directory}: records tuned on {', '.join(sorted(cpus - {cpu}))}, this "
+                      f"target's CPU is {cpu}: they are correct here but not tuned for it "
+                      f"(tools/tune.py re-tunes)")
+    return database
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target,

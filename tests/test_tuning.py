@@ -103,3 +103,14 @@ def test_schedules_option_errors(tuned, tmp_path):
         gftvm.compile(path, trainable="all", batch_size=4, schedules=tmp_path)
     with pytest.raises(gftvm.ConfigError, match="HOST:PORT"):
         tuning.runner("nohost", "key")
+
+
+def test_records_from_another_cpu_warn(tuned, tmp_path):
+    _, _, database = tuned
+    cpu = str(targets.get("host").tvm_target().attrs["mcpu"])
+    for name in (tuning.WORKLOADS, tuning.RECORDS):
+        text = (database / name).read_text()
+        (tmp_path / name).write_text(text.replace(f'"mcpu":"{cpu}"', '"mcpu":"cortex-a53"'))
+    assert '"cortex-a53"' in (tmp_path / tuning.RECORDS).read_text()
+    with pytest.warns(UserWarning, match=f"tuned on cortex-a53, this target's CPU is {cpu}"):
+        tuning.database_for(targets.get("host"), tmp_path, lambda message: None)
