@@ -27,7 +27,7 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from .errors import ConfigError
-from .passes.default_schedule import DefaultCPUSchedule
+from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel
 from .targets import AARCH64_CXX, TargetSpec
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
@@ -256,15 +256,49 @@ def _copy_best(sources: Iterable[ms.database.Database], out: ms.database.Databas
                 best.trace, target_workload, best.run_secs, best.target, best.args_info))
 
 
-def merge(sources: list[str | os.PathLike], destination: str | os.PathLike) -> int:
+def merge(sources: list[str | os.PathLike], destination: str | os.PathLike,
+          keep: Callable[[tvm.IRModule], bool] = lambda mod: True) -> int:
     """Merge databases into ``destination`` (its own records included), keeping the fastest
-    record per workload. Returns the number of records kept."""
+    record per workload (of the workloads ``keep`` accepts). Returns the number of records
+    kept."""
     for source in sources:
         if not (Path(source) / RECORDS).is_file():
             raise ConfigError(f"{os.fspath(source)}: no tuning database ({RECORDS})")
     databases = [open_database(s) for s in [*sources, destination]
                  if (Path(s) / RECORDS).is_file()]
-    return _write(destination, lambda out: _copy_best(databases, out))
+    return _write(destination, lambda out: _copy_best(databases, out, keep))
+
+
+def slower_than_default(tasks: list[ms.ExtractedTask], directory: str | os.PathLike,
+                        target: tvm.target.Target, builder: ms.builder.Builder,
+                        runner: ms.runner.Runner) -> ms.database.MemoryDatabase:
+    """The workloads whose best record in ``directory`` is not faster than
+    ``DefaultCPUSchedule``'s schedule of the kernel, timed now with the same builder and
+    runner (a record worth keeping must beat what compiles without it)."""
+    database = open_database(directory)
+    tasks = [t for t in tasks if database.has_workload(t.dispatched[0])]
+    kernels = [t.dispatched[0]["main"] for t in tasks]
+    built = builder.build([ms.builder.BuilderInput(
+        tvm.IRModule({"main": schedule_kernel(k, target)}), target) for k in kernels])
+    device = "cpu" if target.kind.name == "llvm" else target.kind.name
+    runs = runner.run([ms.runner.RunnerInput(b.artifact_path, device,
+                                             ms.arg_info.ArgInfo.from_prim_func(k))
+                       for b, k in zip(built, kernels) if b.error_msg is None])
+    default_secs = iter(_mean_secs(r.result()) for r in runs)
+    slower = ms.database.MemoryDatabase()
+    for task, build in zip(tasks, built):
+        default = next(default_secs) if build.error_msg is None else None
+        best = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+        if default is not None and best and _mean_secs(best[0]) >= default:
+            slower.commit_workload(task.dispatched[0])
+    return slower
+
+
+def _mean_secs(result) -> float:
+    """Mean measured seconds of a runner result or tuning record (inf if it has none)."""
+    secs = [float(s) for s in (result.run_secs or [])]
+    return sum(secs) / len(secs) if secs and getattr(result, "error_msg", None) is None \
+        else float("inf")
 
 
 def prune(directory: str | os.PathLike, tasks: list[ms.ExtractedTask]) -> int:

@@ -117,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{len(tasks)} distinct kernels, tuning {len(chosen)} ({args.ops}) for "
             f"{args.target} ({target.attrs['mcpu']}) with {args.trials} trials in "
             f"{args.work_dir}: {', '.join(t.task_name for t in chosen)}")
-        tuning.tune(chosen, args.work_dir, args.trials, tuning.builder(spec, args.jobs),
-                    tuning.runner(args.rpc_tracker, args.rpc_key if args.rpc_tracker else None),
-                    say=log, seed=args.seed, verbose=args.verbose)
-        log(f"{output}: {tuning.merge([args.work_dir], output)} records")
+        builder = tuning.builder(spec, args.jobs)
+        runner = tuning.runner(args.rpc_tracker, args.rpc_key if args.rpc_tracker else None)
+        tuning.tune(chosen, args.work_dir, args.trials, builder, runner, say=log,
+                    seed=args.seed, verbose=args.verbose)
+        slower = tuning.slower_than_default(chosen, args.work_dir, target, builder, runner)
+        log(f"{len(slower.workloads)} of {len(chosen)} kernels tuned no faster than their "
+            f"default schedule: their records are not kept")
+        kept = tuning.merge([args.work_dir], output, lambda mod: not slower.has_workload(mod))
+        log(f"{output}: {kept} records")
     except gftvm.GftvmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
