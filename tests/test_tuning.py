@@ -6,6 +6,7 @@ import torch
 import tvm
 from torch import nn
 from tvm import relax
+from tvm.s_tir import meta_schedule as ms
 
 import gftvm
 from gftvm import models, targets, tuning
@@ -49,7 +50,8 @@ def tuned(rpc_tracker, tmp_path_factory):
     database = tmp / "schedules"
     out = run("tune.py", "tune", str(path), "--train", "all", "--batch", "4",
               "--ops", "conv2d_transpose", "--trials", "2", "--work-dir", str(tmp / "work"),
-              "--rpc-tracker", rpc_tracker, "--rpc-key", "loopback", "-o", str(database))
+              "--rpc-tracker", rpc_tracker, "--rpc-key", "loopback", "--keep-all",
+              "-o", str(database))
     assert "trials     2/2" in out
     return model, path, database
 
@@ -114,3 +116,21 @@ def test_records_from_another_cpu_warn(tuned, tmp_path):
     assert '"cortex-a53"' in (tmp_path / tuning.RECORDS).read_text()
     with pytest.warns(UserWarning, match=f"tuned on cortex-a53, this target's CPU is {cpu}"):
         tuning.database_for(targets.get("host"), tmp_path, lambda message: None)
+
+
+@pytest.mark.parametrize("record_secs, dropped", [(1e3, True), (1e-12, False)])
+def test_records_no_faster_than_the_default_are_dropped(tuned, tmp_path, record_secs, dropped):
+    """slower_than_default times the default schedule of the kernel and compares it with the
+    record's measured time (here set to 1000 s and to 1 ps)."""
+    _, path, database = tuned
+    (record,) = tuning.open_database(database).get_all_tuning_records()
+    faked = tuning.open_database(tmp_path)
+    faked.commit_tuning_record(ms.database.TuningRecord(
+        record.trace, faked.commit_workload(record.workload.mod), [record_secs], record.target,
+        record.args_info))
+    spec = targets.get("host")
+    tasks = tuning.extract_tasks([gftvm.compiler.build_program(path, "all", 4).mod],
+                                 tuning.tuning_target(spec))
+    slower = tuning.slower_than_default(tasks, tmp_path, tuning.tuning_target(spec),
+                                        tuning.builder(spec, 1), tuning.runner(None, None))
+    assert slower.has_workload(record.workload.mod) == dropped

@@ -17,12 +17,14 @@
 from __future__ import annotations
 
 import argparse
-import re
 import os
+import re
 import sys
 import time
 
 from compile import add_model_arguments, model_path, step_options
+
+from tvm.s_tir import meta_schedule as ms
 
 import gftvm
 from gftvm import compiler, targets, tuning
@@ -49,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tune.add_argument("--rpc-tracker", metavar="HOST:PORT",
                       help="measure on a board through this RPC tracker (default: locally)")
     tune.add_argument("--rpc-key", default="rasp4", help="the board's key at the tracker")
+    tune.add_argument("--keep-all", action="store_true",
+                      help="keep records even where the default schedule is as fast")
     tune.add_argument("--jobs", type=int, default=1, help="parallel kernel builds (default 1)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--verbose", action="store_true", help="MetaSchedule's log on the console")
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         runner = tuning.runner(args.rpc_tracker, args.rpc_key if args.rpc_tracker else None)
         tuning.tune(chosen, args.work_dir, args.trials, builder, runner, say=log,
                     seed=args.seed, verbose=args.verbose)
-        slower = tuning.slower_than_default(chosen, args.work_dir, target, builder, runner)
+        slower = ms.database.MemoryDatabase() if args.keep_all else \
+            tuning.slower_than_default(chosen, args.work_dir, target, builder, runner)
         log(f"{len(slower.workloads)} of {len(chosen)} kernels tuned no faster than their "
             f"default schedule: their records are not kept")
         kept = tuning.merge([args.work_dir], output, lambda mod: not slower.has_workload(mod))
