@@ -5,9 +5,10 @@ A kernel is a PrimFunc of the train-step module after legalization and fusion, e
 ``tvm.compile``'s default pipeline lowers it (each Relax op becomes a PrimFunc, then FuseOps and
 FuseTIR merge a conv with its BatchNorm/ReLU6 epilogue and chains of elementwise ops into one).
 Tuning and applying both start from :func:`lower`, so a record's workload is the PrimFunc that
-compilation meets. Kernels without a record get ``DefaultCPUSchedule``. A database directory holds MetaSchedule's JSONDatabase
-files; :func:`merge` keeps the best record per workload, :func:`prune` drops workloads no given
-train step uses.
+compilation meets. Kernels without a record get ``DefaultCPUSchedule``. A database directory
+holds MetaSchedule's JSONDatabase files; :func:`merge` keeps the best record per workload,
+:func:`prune` drops workloads no given train step uses, :func:`slower_than_default` finds the
+records not worth keeping.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
         tuned = sum(1 for func in lowered.functions.values()
                     if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
                     and SCHEDULED_ATTR in func.attrs)
-    if default_schedule:
+    if default_schedule and target.kind.name == "llvm":
         with target:
             lowered = DefaultCPUSchedule()(lowered)
     return tvm.compile(lowered, target=target), tuned

@@ -41,7 +41,7 @@ from tvm import s_tir, tirx
 from tvm.sym.pattern import detect_linear_equation
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
-#: Below this many innermost iterations a block stays on one thread (the pool costs more).
+#: Below this many loop iterations a block stays on one thread (the pool costs more).
 PARALLEL_MIN_WORK = 1 << 14
 #: The largest input stride of a vectorized output axis (strided convs, pooling read
 #: every 2nd or 4th element; LLVM gathers them).
@@ -50,7 +50,7 @@ MAX_GATHER_STRIDE = 4
 PARALLEL_CHUNKS = 64
 
 
-def _stride(region: tirx.BufferRegion, var: tirx.Var) -> int | None:
+def _stride(region: tvm.ir.TensorRegion, var: tirx.Var) -> int | None:
     """Elements between neighbouring values of ``var`` in the flattened access, or None."""
     shape = [int(d) for d in region.source.shape]
     flat = sum((r.min * math.prod(shape[d + 1:]) for d, r in enumerate(region.region)),
@@ -126,7 +126,7 @@ def _relayout_for_row(sch: s_tir.Schedule, block, spatial: list[_Axis], lanes: i
                       ) -> list[_Axis]:
     """When the output's contiguous axis is strided in an input (a weight read ``w[c, rc, ...]``
     for output channels ``c``), copy that input into a buffer that has the axis last, so the
-    row exists; returns the row, or [] (schedule unchanged)."""
+    row exists. Returns the row, or [] where no input is strided that way."""
     nonunit = [a for a in spatial if a.extent > 1]
     stmt = sch.get(block)
     if not nonunit or _stride(stmt.writes[0], nonunit[-1].var) != 1:
@@ -240,7 +240,8 @@ def _inline(sch: s_tir.Schedule, block) -> bool:
 def _has_condition(block: s_tir.SBlock) -> bool:
     """Whether the block's value is a condition (``if_then_else``, as in padding)."""
     value = getattr(block.body, "value", None)
-    return isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else"))
+    return isinstance(value, tvm.ir.Call) and \
+        value.op.same_as(tvm.ir.Op.get("prim.if_then_else"))
 
 
 def _vector_factor(extent: int, lanes: int) -> int | None:

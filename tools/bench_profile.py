@@ -39,8 +39,9 @@ def is_builtin(symbol: str) -> bool:
 
 
 def kind_of(kernel: str) -> str:
-    """The heavy op a kernel fuses (``fused_conv2d17_add3_relu`` -> ``conv2d``; tune.HEAVY_OPS),
-    else its name without ``fused_`` and numbering (``fused_multiply2_add5`` -> ``multiply_add``)."""
+    """The heavy op a kernel fuses (``fused_conv2d17_add3_relu`` -> ``conv2d``; see
+    tune.HEAVY_OPS), else its name without ``fused_`` and numbering (``fused_multiply2_add5``
+    -> ``multiply_add``)."""
     ops = kernel_ops(kernel, set(HEAVY_OPS))
     if ops:
         return max(ops, key=len)
