@@ -91,13 +91,14 @@ def torch_step(variant: dict) -> Callable[[], object]:
 def ort_step(variant: dict, threads: int) -> Callable[[], object]:
     """onnxruntime-training's training API on the artifact: forward+backward, SGD step."""
     import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # warnings and errors only
     from onnxruntime.training import api as ort_api
 
     from gftvm.frontend import ort
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
-    onnxruntime.set_default_logger_severity(3)  # warnings and errors only
     path = lambda name: os.path.join(variant["dir"], name)
     state = ort_api.CheckpointState.load_checkpoint(path(ort.CHECKPOINT))
     module = ort_api.Module(path(ort.TRAINING), state, path(ort.EVAL), session_options=options)
