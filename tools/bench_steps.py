@@ -91,8 +91,6 @@ def torch_step(variant: dict) -> Callable[[], object]:
 def ort_step(variant: dict, threads: int) -> Callable[[], object]:
     """onnxruntime-training's training API on the artifact: forward+backward, SGD step."""
     import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)  # warnings and errors only
     from onnxruntime.training import api as ort_api
 
     from gftvm.frontend import ort
