@@ -21,9 +21,12 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(VENV)/bin/python tools/bench.py steps
+	$(VENV)/bin/python tools/bench.py steps --models mobilenetv2-0.35 resnet18 --train last:4 \
+		--image-size 32 128 --filter-patch 2 4
+	$(VENV)/bin/python tools/bench.py profile
 	$(VENV)/bin/python tools/bench.py ort
-	$(VENV)/bin/python tools/bench.py layers
+	$(VENV)/bin/python tools/bench.py layers --csv bench/results/layers.csv \
+		--plot bench/results/layers.png
 
 clean:
 	rm -rf $(VENV) .aarch64 out *.egg-info
