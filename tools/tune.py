@@ -9,7 +9,8 @@
         [--filter-patch 2 ...]
 
 ``tune`` tunes the exact-backprop step and, per --filter-patch R, the gradient-filtered step
-(kernels they share are tuned once), then merges the best records into the output database
+(kernels they share are tuned once), times each tuned kernel's default schedule the same way,
+and merges the best records that beat it (all with --keep-all) into the output database
 (default schedules/<target>/), which gftvm.compile applies. The work directory is resumable.
 ``prune`` keeps only the records of kernels that the given train steps use.
 """
