@@ -9,8 +9,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
 2. Each reduction block (conv, conv_transpose, matmul, pooling, sums) is vectorized along a
    unit-stride axis, read off the flattened buffer indices:
 
-   - *spatial*: the axis contiguous in the output, when it is also contiguous in every input
-     that it indexes. It moves inside the reduction loops::
+   - *spatial*: the output's contiguous row (its trailing axes, fused until a vector wide),
+     when every input that it indexes reads it with one stride of at most 4 (strided convs
+     and pooling read every 2nd or 4th element). It moves inside the reduction loops::
 
          for n, c, h (parallel):  for rc, ry, rx:  for w (vector):
              y[n, c, h, w] += x[n, rc, h + ry, w + rx] * k[c, rc, ry, rx]
