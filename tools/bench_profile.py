@@ -18,7 +18,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,6 +30,7 @@ from gftvm.data import synthetic
 from gftvm.runtime import read_manifest
 from gftvm.state import read_state
 from gftvm.timing import median_ms
+from bench_steps import run_fresh
 from tune import HEAVY_OPS, kernel_ops
 
 
@@ -141,11 +141,7 @@ def profile_train_step(directory: str, repeat: int) -> Profile:
 def profile_in_fresh_process(directory: str, threads: int, repeat: int) -> Profile:
     """:func:`profile_train_step` in a new Python process (a profile taken after another in
     the same process was measured up to 2x slower)."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), directory, str(threads),
-                          str(repeat)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"profiling {directory} failed:\n{out.stderr[-2000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_fresh(__file__, [directory, threads, repeat], f"profiling {directory}")
     return Profile(result["step_ms"], Counter(result["us"]), Counter(result["calls"]))
 
 

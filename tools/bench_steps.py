@@ -147,16 +147,20 @@ def measure(variant: dict, threads: int, repeat: int, memory_steps: int) -> dict
     return {"peak_mib": peak, "ms": median_ms(step, repeat, warmup=0)}
 
 
+def run_fresh(script: str, args: list, what: str) -> dict:
+    """Run ``python script *args`` in a new process; the JSON object its last line prints."""
+    out = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure_in_fresh_process(variant: dict, threads: int, repeat: int,
                              memory_steps: int = 3) -> dict:
     """:func:`measure` in a new Python process, alone with its own thread pools."""
-    command = [sys.executable, os.path.abspath(__file__), json.dumps(variant), str(threads),
-               str(repeat), str(memory_steps)]
-    out = subprocess.run(command, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"measuring the {variant['kind']} step of {variant['dir']} failed:\n"
-                           f"{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh(__file__, [json.dumps(variant), threads, repeat, memory_steps],
+                     f"measuring the {variant['kind']} step of {variant['dir']}")
 
 
 def main() -> None:
