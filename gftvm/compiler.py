@@ -21,7 +21,7 @@ from .filter import (PLAN_HEADER, GradientFilter, LayerPlan, conv_backward_macs,
 from .frontend import onnx as onnx_frontend, ort
 from .runtime import FORMAT_VERSION, MANIFEST, sha256
 from .state import TrainState, write_state
-from .train_graph import OptimizerConfig, TrainModule, build_train_module
+from .train_graph import OptimizerConfig, TrainModule, build_train_module, donated_inputs
 
 LIBRARY = "train_step.so"
 STATE = "state.npz"
@@ -216,7 +216,9 @@ def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | 
     tvm_target = spec.tvm_target()
     database = tuning.database_for(spec, schedules, say)
     say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
-    executable, tuned = tuning.compile_module(built.mod, tvm_target, database, default_schedule)
+    donated = donated_inputs(program.info["trainable"], len(built.optim_state))
+    executable, tuned = tuning.compile_module(built.mod, tvm_target, database, default_schedule,
+                                              {"train_step": donated})
     say(f"compiled for {target} in {time.perf_counter() - start:.1f}s"
         + (f" ({tuned} kernels with tuned schedules)" if database is not None else ""))
 

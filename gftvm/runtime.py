@@ -82,7 +82,9 @@ class Session:
 
     # -- training ---------------------------------------------------------------------------
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
-        """One optimizer step on the batch; returns the mean cross-entropy before the update."""
+        """One optimizer step on the batch; returns the mean cross-entropy before the update.
+        ``train_step`` writes the new parameters and optimizer state over the tensors it is
+        given (InPlaceStateUpdate), so the Session hands it its own and keeps what it returns."""
         x_t = tvm.runtime.tensor(self._check_input(x), self.device)
         y_t = tvm.runtime.tensor(self._check_labels(y), self.device)
         loss, updated, state = self._vm["train_step"](x_t, y_t, *self._params, *self._optim)

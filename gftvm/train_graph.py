@@ -143,7 +143,7 @@ def add_train_step(mod: tvm.IRModule, adjoint_name: str, optimizer: relax.Functi
     image = relax.Var("input", mod[adjoint_name].params[0].ty)
     targets = relax.Var("targets", targets_type)
     param_vars = [relax.Var(p.name, p.ty) for p in params]
-    state = [relax.Var(f"optim_state_{i}", relax.TensorType(s.shape, str(s.dtype)))
+    state = [relax.Var(_state_name(i), relax.TensorType(s.shape, str(s.dtype)))
              for i, s in enumerate(init_state)]
     by_name = {v.name: v for v in param_vars}
 
@@ -161,6 +161,16 @@ def add_train_step(mod: tvm.IRModule, adjoint_name: str, optimizer: relax.Functi
                                               relax.TupleGetItem(updated, 1)]))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _state_name(index: int) -> str:
+    return f"optim_state_{index}"
+
+
+def donated_inputs(trainable: list[str], num_state: int) -> list[str]:
+    """The ``train_step`` inputs a step replaces, which the runtime hands over to be updated in
+    place: the trained parameters and the optimizer state."""
+    return [*trainable, *(_state_name(i) for i in range(num_state))]
 
 
 def keep_entries(mod: tvm.IRModule, entries: list[str]) -> tvm.IRModule:

@@ -29,6 +29,7 @@ from tvm.ir.utils import derived_object
 
 from .errors import ConfigError
 from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel
+from .passes.inplace_update import InPlaceStateUpdate
 from .targets import AARCH64_CXX, TargetSpec
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
@@ -83,12 +84,14 @@ def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
-                   database: ms.database.Database | None, default_schedule: bool = True
+                   database: ms.database.Database | None, default_schedule: bool = True,
+                   donated: dict[str, list[str]] | None = None
                    ) -> tuple[relax.Executable, int]:
     """``tvm.compile`` the module, with the database's schedules for the kernels it has records
     for and ``DefaultCPUSchedule`` for the others (unless ``default_schedule`` is False: TVM's
-    naive loops). Returns the executable and the number of kernels that got a tuned
-    schedule."""
+    naive loops). ``donated`` names, per function, the inputs its callers give up
+    (``InPlaceStateUpdate`` writes results over them). Returns the executable and the number
+    of kernels that got a tuned schedule."""
     lowered = lower(mod, target)
     tuned = 0
     if database is not None:
@@ -100,6 +103,8 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
     if default_schedule and target.kind.name == "llvm":
         with target:
             lowered = DefaultCPUSchedule()(lowered)
+    for func_name, inputs in (donated or {}).items():
+        lowered = InPlaceStateUpdate(func_name, inputs)(lowered)
     return tvm.compile(lowered, target=target), tuned
 
 
