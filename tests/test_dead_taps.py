@@ -261,3 +261,82 @@ def test_compiled_convs_match_pytorch():
         np.testing.assert_allclose(got_y.numpy(), y.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(got_gx.numpy(), gx.numpy(), rtol=1e-5, atol=1e-5,
                                    err_msg=name)
+
+
+# -- a compiled train step whose last convs run on 1x1 maps --------------------------------------
+
+class ShrinkingNet(nn.Module):
+    """8x8 input, three stride-2 convs down to 1x1, then a dense and a depthwise 3x3 conv on
+    the 1x1 map (ResNet-18's layer4 and MobileNetV2's last depthwise conv at 32x32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv5 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
+            x = torch.relu(conv(x))
+        return self.fc(x.flatten(1))
+
+
+def weight_reads(func: relax.Function) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(op, parameter, shape read) for every conv of ``func`` whose kernel is a parameter,
+    directly or through a strided_slice."""
+    values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    params = set(func.params)
+    reads = []
+    for value in values.values():
+        if not (isinstance(value, relax.Call) and value.op.name in (
+                "relax.nn.conv2d", "relax.nn.conv2d_transpose")):
+            continue
+        kernel = value.args[1]
+        source = values.get(kernel)
+        if isinstance(source, relax.Call) and source.op.name == "relax.strided_slice":
+            source = source.args[0]
+        if kernel in params or source in params:
+            name = kernel.name if kernel in params else source.name
+            reads.append((value.op.name, name, tuple(int(d) for d in kernel.ty.shape)))
+    return reads
+
+
+@pytest.fixture(scope="module")
+def shrinking_net(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ShrinkingNet()
+    return model, export(model, tmp_path_factory.mktemp("deadtaps") / "model.onnx", 8)
+
+
+def test_train_step_reads_only_live_taps(shrinking_net):
+    _, path = shrinking_net
+    program = build_program(path, batch_size=2)
+    mod = program.mod
+    reads = set(weight_reads(mod["train_step"]))
+    assert {("relax.nn.conv2d", "conv3.weight", (16, 16, 2, 2)),
+            ("relax.nn.conv2d", "conv4.weight", (16, 16, 1, 1)),
+            ("relax.nn.conv2d", "conv5.weight", (16, 1, 1, 1)),
+            ("relax.nn.conv2d_transpose", "conv3.weight", (16, 16, 2, 2)),
+            ("relax.nn.conv2d_transpose", "conv4.weight", (16, 16, 1, 1)),
+            ("relax.nn.conv2d_transpose", "conv5.weight", (16, 1, 1, 1))} <= reads
+    assert ("relax.nn.conv2d", "conv2.weight", (16, 8, 3, 3)) in reads
+    assert set(weight_reads(mod["predict"])) == {
+        r for r in reads if r[0] == "relax.nn.conv2d"}
+    # the weight gradients keep the full kernel: the updated parameters have its shape
+    updated = dict(zip(program.info["trainable"], mod["train_step"].ret_ty.fields[1].fields))
+    assert tuple(int(d) for d in updated["conv4.weight"].shape) == (16, 16, 3, 3)
+    assert tuple(int(d) for d in updated["conv5.weight"].shape) == (16, 1, 3, 3)
+
+
+def test_pruned_bp_step_matches_autograd(shrinking_net):
+    model, path = shrinking_net
+    check_parity(model, path, "all", "sgd", image_size=8, schedules=False)
+
+
+def test_pruned_gf_step_matches_reference(shrinking_net):
+    model, path = shrinking_net
+    check_parity(model, path, "all", "sgd", image_size=8, schedules=False,
+                 filter=gftvm.GradientFilter(2, "last:3"))
