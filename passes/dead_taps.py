@@ -136,6 +136,34 @@ def pruned_call(call: relax.Call, data: relax.Expr, weight: relax.Expr,
                                         **common)
 
 
+def as_one_by_one(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
+    """A pruned conv whose one window covers all of its unpadded input (conv2d with one output
+    pixel; conv2d_transpose: output, with one input pixel) as a 1x1 conv of that map flattened
+    into channels, or None. (layer4.0.conv1 of ResNet-18 at 32x32, 2x2 -> 1x1 by stride 2,
+    becomes a 1x1 conv with 4·256 input channels, which TVM schedules as well as any other
+    conv on 1x1 maps.)"""
+    attrs = call.attrs
+    transpose = call.op == CONV2D_TRANSPOSE
+    data, weight, out = (_static_shape(bb.normalize(e)) for e in (*call.args, call))
+    pixel, window = (data, out) if transpose else (out, data)
+    if (int(attrs.groups) != 1 or any(int(p) for p in attrs.padding)
+            or (attrs.data_layout, attrs.out_layout) != ("NCHW", "NCHW")
+            or attrs.kernel_layout != ("IOHW" if transpose else "OIHW")
+            or any(int(p) for p in getattr(attrs, "output_padding", ()))
+            or pixel[2:] != [1, 1] or window[2:] != weight[2:] or weight[2:] == [1, 1]):
+        return None
+    taps = weight[2] * weight[3]
+    flat_weight = bb.emit(relax.op.reshape(call.args[1], (weight[0], weight[1] * taps, 1, 1)),
+                          "live_taps_flat")
+    if not transpose:
+        flat = bb.emit(relax.op.reshape(call.args[0], (data[0], data[1] * taps, 1, 1)),
+                       "window_flat")
+        return relax.op.nn.conv2d(flat, flat_weight, out_dtype=attrs.out_dtype)
+    flat = bb.emit(relax.op.nn.conv2d_transpose(call.args[0], flat_weight, kernel_layout="IOHW",
+                                                out_dtype=attrs.out_dtype), "window_flat")
+    return relax.op.reshape(flat, out)
+
+
 def weight_slice(call: relax.Call, axes: list[AxisPrune | None]
                  ) -> tuple[list[int], list[int], list[int]]:
     """(axes, begin, end) of the strided_slice of ``call``'s weight."""
@@ -172,6 +200,8 @@ class _Pruner(PyExprMutator):
             self.slices[key] = self.builder_.emit(relax.op.strided_slice(weight, *taps),
                                                   "live_taps")
         call = pruned_call(value, self.visit_expr(value.args[0]), self.slices[key], axes)
+        dense = as_one_by_one(self.builder_, call)
+        call = call if dense is None else dense
         emit = (self.builder_.emit if isinstance(binding.var, relax.DataflowVar)
                 else self.builder_.emit_output)
         self.set_var_remap(binding.var, emit(call, binding.var.name))
