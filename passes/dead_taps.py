@@ -14,6 +14,14 @@ grad_x) is the same with the roles of input and output swapped: tap k writes out
 o·s − p0 + k·d for input o, and is live if one of these lies in the output; the slice keeps
 output length through p1' and ``output_padding``.
 
+When the live window of a pruned conv2d covers its whole unpadded input and gives one output
+pixel (layer4.0.conv1: stride 2, 2x2 -> 1x1), it is a 1x1 conv of the input flattened into
+channels (and a conv2d_transpose with one input pixel likewise, its output unflattened)::
+
+    y = conv2d(reshape(x, (N, C·kh·kw, 1, 1)), reshape(W_live, (O, C·kh·kw, 1, 1)))
+
+the form TVM's default schedules handle well (the strided small-kernel form ran 20x slower).
+
 Any layout, stride, dilation and group count is handled; an axis is left whole when the new
 paddings would be negative or outside what TOPI's conv2d_transpose accepts (padding at most
 (K'−1)·d, output padding below the stride), and a conv with a symbolic shape is left alone.

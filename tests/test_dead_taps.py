@@ -14,9 +14,9 @@ from tvm.script import relax as R
 
 import gftvm
 from gftvm.compiler import build_program
-from passes.dead_taps import (DeadTaps, live_taps, prune_conv_axis,
+from gftvm.passes.dead_taps import (DeadTaps, live_taps, prune_conv_axis,
                               prune_transpose_axis)
-from reference import check_parity, export
+from reference import check_parity, export, random_batches
 
 F32 = "float32"
 
@@ -347,3 +347,20 @@ def test_pruned_gf_step_matches_reference(shrinking_net):
     model, path = shrinking_net
     check_parity(model, path, "all", "sgd", image_size=8, schedules=False,
                  filter=gftvm.GradientFilter(2, "last:3"))
+
+
+def test_dead_taps_of_bp_weight_gradients_are_exact_zeros(shrinking_net, tmp_path):
+    """Plain SGD: w -= lr·grad leaves a tap bit-exact iff its gradient is exactly zero."""
+    _, path = shrinking_net
+    gftvm.compile(path, batch_size=2, optimizer="sgd", lr=0.5, schedules=False).save(
+        tmp_path / "art")
+    session = gftvm.runtime.load(tmp_path / "art")
+    before = session.parameters()
+    session.step(*random_batches(1, 2, 8)[0])
+    after = session.parameters()
+    dead = np.ones((3, 3), bool)
+    dead[1, 1] = False
+    for name in ("conv4.weight", "conv5.weight"):
+        assert after[name].shape == before[name].shape
+        assert np.array_equal(after[name][..., dead], before[name][..., dead]), name
+        assert not np.allclose(after[name][..., 1, 1], before[name][..., 1, 1]), name
