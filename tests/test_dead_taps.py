@@ -14,8 +14,7 @@ from tvm.script import relax as R
 
 import gftvm
 from gftvm.compiler import build_program
-from gftvm.passes.dead_taps import (DeadTaps, live_taps, prune_conv_axis,
-                              prune_transpose_axis)
+from gftvm.passes.dead_taps import DeadTaps, live_taps, prune_conv_axis, prune_transpose_axis
 from reference import check_parity, export, random_batches
 
 F32 = "float32"
@@ -223,8 +222,9 @@ CONVS = {
 }
 
 
-def conv_and_grad_input(name: str, case: tuple) -> relax.Function:
-    """y = conv2d(x, w) and its BP grad_x = conv2d_transpose(gy, w), as conv_backward emits."""
+def conv_and_grad_input(name: str, case: tuple) -> tuple[relax.Function, list[int]]:
+    """y = conv2d(x, w) and its BP grad_x = conv2d_transpose(gy, w), as conv_backward emits
+    it, and that grad_x's output padding."""
     x_shape, w_shape, stride, pad, dilation, groups = case
     x, w = relax.Var("x", relax.TensorType(x_shape, F32)), relax.Var("w", relax.TensorType(
         w_shape, F32))
