@@ -29,6 +29,7 @@ from tvm.relax.training.utils import AppendLoss
 from .analysis import saved_for_backward
 from .errors import ConfigError, UnsupportedOpError
 from .passes import conv_backward  # noqa: F401  (conv gradients as named calls)
+from .passes.dead_taps import DeadTaps
 from .passes.filtered_chain import FoldFilteredChain
 from .passes.gradient_filter import GradientFilter
 from .passes.stop_gradient import StopGradientAtFrozen
@@ -174,7 +175,8 @@ def donated_inputs(trainable: list[str], num_state: int) -> list[str]:
 
 
 def keep_entries(mod: tvm.IRModule, entries: list[str]) -> tvm.IRModule:
-    """Make every other Relax function private, inline it, and drop what is unused."""
+    """Make every other Relax function private, inline it, drop what is unused, and drop the
+    conv taps that only read padding (DeadTaps)."""
     functions = {}
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function) and gv.name_hint not in entries:
@@ -183,4 +185,4 @@ def keep_entries(mod: tvm.IRModule, entries: list[str]) -> tvm.IRModule:
     mod = tvm.IRModule(functions, attrs=mod.attrs)
     mod = relax.transform.InlinePrivateFunctions()(mod)
     mod = relax.transform.CanonicalizeBindings()(mod)
-    return relax.transform.DeadCodeElimination(entries)(mod)
+    return DeadTaps()(relax.transform.DeadCodeElimination(entries)(mod))
