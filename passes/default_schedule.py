@@ -49,6 +49,11 @@ PARALLEL_MIN_WORK = 1 << 14
 MAX_GATHER_STRIDE = 4
 #: Parallel chunks to aim for: a few per core, so that cores finish close together.
 PARALLEL_CHUNKS = 64
+#: Vector registers a register tile's accumulators may take (AVX-512 and NEON have 32; the
+#: rest hold the loaded vector and broadcasts).
+TILE_ACCUMULATORS = 24
+#: The least number of accumulators for which a register tile beats the rules without one.
+TILE_MIN = 4
 
 
 def _stride(region: tvm.ir.TensorRegion, var: tirx.Var) -> int | None:
@@ -133,20 +138,32 @@ def _relayout_for_row(sch: s_tir.Schedule, block, spatial: list[_Axis], lanes: i
     if not nonunit or _stride(stmt.writes[0], nonunit[-1].var) != 1:
         return []
     axis = nonunit[-1]
-    iters = [iv.var for iv in stmt.iter_vars]
     for index, region in enumerate(stmt.reads):
-        indices = [r.min for r in region.region]
         if (_stride(region, axis.var) or 0) <= MAX_GATHER_STRIDE or \
-                not all(isinstance(i, tirx.Var) for i in indices):
+                not all(isinstance(r.min, tirx.Var) for r in region.region):
             continue
-        order = [i for i in indices if not i.same_as(axis.var)] + [axis.var]
-        positions = [next(k for k, v in enumerate(iters) if v.same_as(i)) for i in order]
-        relayout = tirx.IndexMap.from_func(lambda *vs: [vs[k] for k in positions],
-                                           ndim=len(iters))
-        cache = sch.reindex_cache_read(block, index, "global", relayout)
-        _elementwise(sch, _axes(sch, cache), lanes)
+        _relayout_read(sch, block, index, axis.var, lanes)
         return _output_row(sch.get(block), spatial, lanes)
     return []
+
+
+def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes: int) -> None:
+    """Copy the block's read ``index`` into a buffer indexed by the block iterators that it
+    uses, in the read's memory order but ``last`` last (``reindex_cache_read``); the copy is
+    vectorized and parallel."""
+    stmt = sch.get(block)
+    iters = [iv.var for iv in stmt.iter_vars]
+    strides = [_stride(stmt.reads[index], v) for v in iters]
+    used = sorted((k for k, stride in enumerate(strides) if stride != 0 and
+                   not iters[k].same_as(last)), key=lambda k: -abs(strides[k] or 0))
+    positions = [*used, next(k for k, v in enumerate(iters) if v.same_as(last))]
+    relayout = tirx.IndexMap.from_func(lambda *vs: [vs[k] for k in positions], ndim=len(iters))
+    cache = sch.reindex_cache_read(block, index, "global", relayout)
+    # The copy's loops run over the used iterators in block order; write in the new order.
+    axes = _axes(sch, cache)
+    axes = [axes[sorted(positions).index(k)] for k in positions]
+    sch.reorder(*[a.loop for a in axes])
+    _elementwise(sch, axes, lanes)
 
 
 class _Scheduler:
@@ -192,6 +209,10 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         _elementwise(sch, spatial, lanes)
         return
     stmt = sch.get(block)
+    plan = _tile_plan(stmt, spatial, lanes)
+    if plan is not None:
+        _register_tile(sch, block, spatial, reduce, plan, lanes)
+        return
     row = _output_row(stmt, spatial, lanes)
     inner = None if row else next(
         (a for a in reversed(reduce)
@@ -207,6 +228,110 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         _rfactor(sch, block, spatial, reduce, inner, lanes)
     else:
         _parallelize(sch, [a.loop for a in spatial], work)
+
+
+@dataclass(eq=False)
+class _TilePlan:
+    vector: _Axis                  # vectorized, fed by loads contiguous along it
+    factor: int                    # its vector width
+    tiles: list[tuple[_Axis, int]]  # unrolled tile axes and their tile extents
+    relayout: list[int]            # reads to copy with ``vector`` last first
+
+
+def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePlan | None:
+    """The register tile of a reduction: a spatial ``vector`` axis that every input using it
+    reads contiguously (after a relayout copy where needed), and tile axes that no such input
+    uses, so that each loaded vector feeds one accumulator per tile point. Prefers the widest
+    vector, then the output's contiguous axis."""
+    write = block.writes[0]
+    candidates = sorted(reversed([a for a in spatial if a.extent > 1]),
+                        key=lambda a: _stride(write, a.var) != 1)
+    best = None
+    for vector in candidates:
+        factor = _vector_factor(vector.extent, lanes)
+        strides = [_stride(region, vector.var) for region in block.reads]
+        if factor is None or None in strides or (best and factor <= best.factor):
+            continue
+        loaded = [region for region, stride in zip(block.reads, strides) if stride]
+        tiles, budget = [], TILE_ACCUMULATORS
+        for axis in reversed(spatial):
+            if axis is vector or axis.extent == 1 or \
+                    any(_stride(region, axis.var) != 0 for region in loaded):
+                continue
+            size = max(d for d in range(1, min(budget, axis.extent) + 1) if axis.extent % d == 0)
+            if size == 1:
+                break
+            tiles.append((axis, size))
+            budget //= size
+        if math.prod(size for _, size in tiles) >= TILE_MIN:
+            best = _TilePlan(vector, factor, tiles,
+                             [i for i, stride in enumerate(strides) if stride not in (0, 1)])
+    return best
+
+
+def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axis],
+                   plan: _TilePlan, lanes: int) -> None:
+    """Compute the tile (``plan.tiles`` x the vector) in a local accumulator buffer inside the
+    reduction loops: spatial tile loops outside (parallel), then the reduction loops, then the
+    unrolled tile loops and the vector. The accumulators are initialised before and written back
+    (with fused elementwise consumers) after the reduction loops."""
+    # The loops over the largest input go outermost, so that it is read once and the smaller
+    # inputs are reread from cache (a weight slab by every image of the batch, or an image by
+    # every slab of a small weight).
+    largest = max(sch.get(block).reads, key=lambda r: math.prod(int(d) for d in r.source.shape))
+    spatial = sorted(spatial, key=lambda a: _stride(largest, a.var) == 0)
+    for index in plan.relayout:
+        _relayout_read(sch, block, index, plan.vector.var, lanes)
+    output = sch.get(block).writes[0]
+    if _stride(output, plan.vector.var) == 1:
+        accumulators = sch.cache_write(block, 0, "local")
+    else:
+        iters = [iv.var for iv in sch.get(block).iter_vars]
+        order = [k for k, v in enumerate(iters) if _stride(output, v) not in (0, None)
+                 and not v.same_as(plan.vector.var)]
+        order.append(next(k for k, v in enumerate(iters) if v.same_as(plan.vector.var)))
+        accumulators = sch.reindex_cache_write(block, 0, "local", tirx.IndexMap.from_func(
+            lambda *vs: [vs[k] for k in order], ndim=len(iters)))
+    inner_of = {plan.vector: plan.factor, **dict(plan.tiles)}
+    outer, inner = [], {}
+    for axis in spatial:
+        if axis in inner_of:
+            loop_outer, inner[axis] = sch.split(axis.loop, [None, inner_of[axis]])
+            outer.append(loop_outer)
+        else:
+            outer.append(axis.loop)
+    tile_loops = [inner[axis] for axis, _ in reversed(plan.tiles)]
+    sch.reorder(*outer, *[a.loop for a in reduce], *tile_loops, inner[plan.vector])
+    sch.vectorize(inner[plan.vector])
+    for loop in tile_loops:
+        sch.unroll(loop)
+    _fuse_consumers(sch, accumulators)
+    sch.reverse_compute_at(accumulators, outer[-1])
+    _parallelize(sch, outer, math.prod(a.extent for a in spatial))
+    init = sch.decompose_reduction(block, reduce[0].loop)
+    depth = len(sch.get_loops(init)) - len(tile_loops) - 1  # the loops outside the tile
+    for stage in (init, accumulators):
+        *others, last = sch.get_loops(stage)[depth:]
+        for loop in others:
+            sch.unroll(loop)
+        if stage == init or _stride(output, plan.vector.var) == 1:
+            _vectorize(sch, last, int(sch.get(last).extent), lanes)
+        else:
+            sch.unroll(last)
+
+
+def _fuse_consumers(sch: s_tir.Schedule, block) -> None:
+    """Inline the elementwise consumers of ``block`` (bias, batch norm, activation) into it,
+    while they inline. A consumer must run over the block's whole output (TVM would inline a
+    slice of it, writing out of bounds)."""
+    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    while len(consumers := sch.get_consumers(block)) == 1:
+        if [int(iv.dom.extent) for iv in sch.get(consumers[0]).iter_vars] != shape:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except s_tir.schedule.ScheduleError:
+            return
 
 
 def _rfactor(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axis],
