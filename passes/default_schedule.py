@@ -6,8 +6,23 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
 
 1. Producers are inlined into their consumers, except a producer with a condition (padding)
    into a reduction, where the condition would sit in the innermost loop.
-2. Each reduction block (conv, conv_transpose, matmul, pooling, sums) is vectorized along a
-   unit-stride axis, read off the flattened buffer indices:
+2. A dense reduction block (conv, conv_transpose, matmul, weight gradients) gets a *register
+   tile*: a spatial ``vector`` axis, contiguous in every input that uses it (after a relayout
+   copy, as below), and tile axes that those inputs do not use (at least ``TILE_MIN`` tile
+   points), so each loaded vector feeds one accumulator per tile point (at most
+   ``TILE_ACCUMULATORS`` vector registers)::
+
+       for c_o, n, h, w_o (parallel):          # the largest input's axes outermost
+           acc[0:16, 0:4] = 0                  # local buffer: registers
+           for rc, ry, rx:  for c_i (unrolled):  for w_i (vector):
+               acc[c_i, w_i] += x[n, rc, h + ry, 4 w_o + w_i + rx] * k[16 c_o + c_i, rc, ry, rx]
+           y[n, 16 c_o + c_i, h, 4 w_o + w_i] = relu(acc[c_i, w_i] + b[...])   # epilogue fused
+
+   The vector is the widest such axis, preferring the output's contiguous one; on small maps
+   it is the output channel (the weight copied with it last) and the tile runs over pixels.
+   Elementwise consumers that cover the whole output are inlined into the write-back.
+3. Other reduction blocks (pooling, sums, depthwise convs) are vectorized along a unit-stride
+   axis, read off the flattened buffer indices:
 
    - *spatial*: the output's contiguous row (its trailing axes, fused until a vector wide),
      when every input that it indexes reads it with one stride of at most 4 (strided convs
@@ -23,9 +38,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
      on 1×1 maps reads ``k[c, rc, ry, rx]`` along output channels ``c``), that input is first
      copied with the axis last (``reindex_cache_read``), then vectorized as *spatial*.
 
-3. Spatial blocks are vectorized along their innermost row (trailing axes, fused until a
+4. Spatial blocks are vectorized along their innermost row (trailing axes, fused until a
    vector wide).
-4. The outer spatial loops of a block run in parallel when it has enough work.
+5. The outer spatial loops of a block run in parallel when it has enough work.
 
 Each step is a TIR schedule primitive, so results equal the unscheduled kernel's, up to float
 reassociation in the rfactor-ed sums. A block that fits none of these shapes (or a primitive
