@@ -69,6 +69,10 @@ PARALLEL_CHUNKS = 64
 TILE_ACCUMULATORS = 24
 #: The least number of accumulators for which a register tile beats the rules without one.
 TILE_MIN = 4
+#: Inputs of at most this many elements (1 MiB of float32, a core's L2) are reread from cache.
+CACHED_ELEMENTS = 1 << 18
+#: Input elements one register tile streams per block of a split reduction (64 KiB of float32).
+REDUCTION_BLOCK_ELEMENTS = 1 << 14
 
 
 def _stride(region: tvm.ir.TensorRegion, var: tirx.Var) -> int | None:
@@ -289,24 +293,22 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     """Compute the tile (``plan.tiles`` x the vector) in a local accumulator buffer inside the
     reduction loops: spatial tile loops outside (parallel), then the reduction loops, then the
     unrolled tile loops and the vector. The accumulators are initialised before and written back
-    (with fused elementwise consumers) after the reduction loops."""
+    (with fused elementwise consumers) after the reduction loops. Where the reduction is split
+    (:func:`_reduction_block`), its outer part runs outermost and the tile accumulates in the
+    output."""
+    stmt = sch.get(block)
     # The loops over the largest input go outermost, so that it is read once and the smaller
     # inputs are reread from cache (a weight slab by every image of the batch, or an image by
     # every slab of a small weight).
-    largest = max(sch.get(block).reads, key=lambda r: math.prod(int(d) for d in r.source.shape))
+    largest = max(stmt.reads, key=lambda r: math.prod(int(d) for d in r.source.shape))
     spatial = sorted(spatial, key=lambda a: _stride(largest, a.var) == 0)
+    contiguous = _stride(stmt.writes[0], plan.vector.var) == 1
+    split = _reduction_block(stmt, reduce, plan) if contiguous else None
     for index in plan.relayout:
         _relayout_read(sch, block, index, plan.vector.var, lanes)
-    output = sch.get(block).writes[0]
-    if _stride(output, plan.vector.var) == 1:
-        accumulators = sch.cache_write(block, 0, "local")
-    else:
-        iters = [iv.var for iv in sch.get(block).iter_vars]
-        order = [k for k, v in enumerate(iters) if _stride(output, v) not in (0, None)
-                 and not v.same_as(plan.vector.var)]
-        order.append(next(k for k, v in enumerate(iters) if v.same_as(plan.vector.var)))
-        accumulators = sch.reindex_cache_write(block, 0, "local", tirx.IndexMap.from_func(
-            lambda *vs: [vs[k] for k in order], ndim=len(iters)))
+    accumulators = None
+    if split is None:
+        accumulators = _accumulators(sch, block, plan.vector.var, contiguous)
     inner_of = {plan.vector: plan.factor, **dict(plan.tiles)}
     outer, inner = [], {}
     for axis in spatial:
@@ -316,23 +318,60 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
         else:
             outer.append(axis.loop)
     tile_loops = [inner[axis] for axis, _ in reversed(plan.tiles)]
-    sch.reorder(*outer, *[a.loop for a in reduce], *tile_loops, inner[plan.vector])
+    reduce_loops = [a.loop for a in reduce]
+    if split is not None:
+        blocks, reduce_loops[0] = sch.split(reduce_loops[0], [None, split])
+        sch.reorder(blocks, *outer)
+    sch.reorder(*outer, *reduce_loops, *tile_loops, inner[plan.vector])
     sch.vectorize(inner[plan.vector])
     for loop in tile_loops:
         sch.unroll(loop)
-    _fuse_consumers(sch, accumulators)
-    sch.reverse_compute_at(accumulators, outer[-1])
+    if accumulators is not None:
+        _fuse_consumers(sch, accumulators)
+        sch.reverse_compute_at(accumulators, outer[-1])
     _parallelize(sch, outer, math.prod(a.extent for a in spatial))
-    init = sch.decompose_reduction(block, reduce[0].loop)
+    if split is not None:  # the initialisation keeps the tile's loops and their annotations
+        sch.decompose_reduction(block, blocks)
+        return
+    init = sch.decompose_reduction(block, reduce_loops[0])
     depth = len(sch.get_loops(init)) - len(tile_loops) - 1  # the loops outside the tile
     for stage in (init, accumulators):
         *others, last = sch.get_loops(stage)[depth:]
         for loop in others:
             sch.unroll(loop)
-        if stage == init or _stride(output, plan.vector.var) == 1:
+        if stage == init or contiguous:
             _vectorize(sch, last, int(sch.get(last).extent), lanes)
         else:
             sch.unroll(last)
+
+
+def _accumulators(sch: s_tir.Schedule, block, vector: tirx.Var, contiguous: bool):
+    """The block's output cached in a local buffer, laid out with ``vector`` last."""
+    if contiguous:
+        return sch.cache_write(block, 0, "local")
+    output = sch.get(block).writes[0]
+    iters = [iv.var for iv in sch.get(block).iter_vars]
+    order = [k for k, v in enumerate(iters) if _stride(output, v) not in (0, None)
+             and not v.same_as(vector)]
+    order.append(next(k for k, v in enumerate(iters) if v.same_as(vector)))
+    return sch.reindex_cache_write(block, 0, "local", tirx.IndexMap.from_func(
+        lambda *vs: [vs[k] for k in order], ndim=len(iters)))
+
+
+def _reduction_block(block: s_tir.SBlock, reduce: list[_Axis], plan: _TilePlan) -> int | None:
+    """Where the two largest inputs both exceed the cache (weight gradients, the gradient
+    filter's matmuls: every tile would stream both from memory), the extent of the inner part
+    of the outermost reduction axis that keeps a tile's inputs per block within
+    ``REDUCTION_BLOCK_ELEMENTS``; else None."""
+    sizes = sorted((math.prod(int(d) for d in r.source.shape) for r in block.reads), reverse=True)
+    if len(sizes) < 2 or sizes[1] <= CACHED_ELEMENTS:
+        return None
+    points = math.prod(size for _, size in plan.tiles)
+    step = (points + plan.factor) * math.prod(a.extent for a in reduce[1:])
+    split = max((d for d in range(1, reduce[0].extent + 1)
+                 if reduce[0].extent % d == 0 and d * step <= REDUCTION_BLOCK_ELEMENTS),
+                default=1)
+    return split if split < reduce[0].extent else None
 
 
 def _fuse_consumers(sch: s_tir.Schedule, block) -> None:

@@ -83,6 +83,25 @@ def test_conv_register_tile():
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
 
+def test_large_reduction_is_split_outside_the_tile():
+    """Both matmul inputs exceed the cache: the reduction is split, its outer part outermost,
+    so each block of both inputs is read once from memory; the tile accumulates in the
+    output."""
+    before = only_kernel(kernels(lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)))
+    sch = s_tir.Schedule(before)
+    matmul = sch.get_sblock("matmul")
+    i, j, k = sch.get_loops(matmul)
+    i_outer, i_inner = sch.split(i, [None, 16])
+    j_outer, j_inner = sch.split(j, [None, 4])
+    k_outer, k_inner = sch.split(k, [None, 768])  # (16 + 4) x 768 elements within 64 KiB
+    sch.reorder(k_outer, i_outer, j_outer, k_inner, i_inner, j_inner)
+    sch.vectorize(j_inner)
+    sch.unroll(i_inner)
+    sch.decompose_reduction(matmul, k_outer)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
 def test_reduction_over_contiguous_axis_is_rfactored():
     """A sum over H·W has no contiguous output axis: W is split and rfactor-ed."""
     scheduled = schedule_kernel(
@@ -101,12 +120,11 @@ def reduction_vectorized(func: tirx.PrimFunc) -> bool:
 
 
 def register_tiled(func: tirx.PrimFunc) -> bool:
-    """Whether a reduction block accumulates into a local buffer inside unrolled loops."""
+    """Whether a reduction block runs in an unrolled tile of vectors (no other rule unrolls)."""
     sch = s_tir.Schedule(func)
     return any(any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
-               and sch.get(block).writes[0].source.scope() == "local"
-               and any(sch.get(loop).kind == tirx.ForKind.UNROLLED
-                       for loop in sch.get_loops(block))
+               and {tirx.ForKind.UNROLLED, tirx.ForKind.VECTORIZED}
+               <= {sch.get(loop).kind for loop in sch.get_loops(block)}
                for block in sch.get_child_blocks(sch.get_sblock("root")))
 
 
@@ -163,6 +181,7 @@ CASES = {
     "conv_sliced_add": (lambda x, w, b: relax.op.add(relax.op.strided_slice(
         relax.op.nn.conv2d(x, w), [2, 3], [0, 0], [3, 3]), b),
         (4, 8, 6, 6), (16, 8, 3, 3), (4, 16, 3, 3)),
+    "matmul_split_reduction": (lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)),
     "batch_matmul": (lambda a, b: relax.op.matmul(a, b), (2, 16, 32), (2, 32, 24)),
     "gf_grad_weight": (gf_grad_weight, (4, 32, 3, 5), (4, 24, 3, 5)),
 }
