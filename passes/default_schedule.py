@@ -73,6 +73,8 @@ TILE_MIN = 4
 CACHED_ELEMENTS = 1 << 18
 #: Input elements one register tile streams per block of a split reduction (64 KiB of float32).
 REDUCTION_BLOCK_ELEMENTS = 1 << 14
+#: Parallel chunks of a split reduction: few, so that each chunk's blocks stay in its cache.
+SPLIT_PARALLEL_CHUNKS = 4
 
 
 def _stride(region: tvm.ir.TensorRegion, var: tirx.Var) -> int | None:
@@ -306,7 +308,6 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     split = _reduction_block(stmt, reduce, plan) if contiguous else None
     for index in plan.relayout:
         _relayout_read(sch, block, index, plan.vector.var, lanes)
-    accumulators = None
     if split is None:
         accumulators = _accumulators(sch, block, plan.vector.var, contiguous)
     inner_of = {plan.vector: plan.factor, **dict(plan.tiles)}
@@ -319,20 +320,25 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
             outer.append(axis.loop)
     tile_loops = [inner[axis] for axis, _ in reversed(plan.tiles)]
     reduce_loops = [a.loop for a in reduce]
+    work = math.prod(a.extent for a in spatial)
     if split is not None:
+        # One parallel region (a few chunks, each walking the reduction blocks in turn): a
+        # parallel loop inside the blocks would synchronise the threads once per block, which
+        # is slow when other processes share the cores.
+        parallel = _leading(sch, outer, SPLIT_PARALLEL_CHUNKS)
         blocks, reduce_loops[0] = sch.split(reduce_loops[0], [None, split])
-        sch.reorder(blocks, *outer)
+        outer.insert(parallel, blocks)
     sch.reorder(*outer, *reduce_loops, *tile_loops, inner[plan.vector])
     sch.vectorize(inner[plan.vector])
     for loop in tile_loops:
         sch.unroll(loop)
-    if accumulators is not None:
-        _fuse_consumers(sch, accumulators)
-        sch.reverse_compute_at(accumulators, outer[-1])
-    _parallelize(sch, outer, math.prod(a.extent for a in spatial))
     if split is not None:  # the initialisation keeps the tile's loops and their annotations
+        _parallelize(sch, outer[:parallel], work, SPLIT_PARALLEL_CHUNKS)
         sch.decompose_reduction(block, blocks)
         return
+    _fuse_consumers(sch, accumulators)
+    sch.reverse_compute_at(accumulators, outer[-1])
+    _parallelize(sch, outer, work)
     init = sch.decompose_reduction(block, reduce_loops[0])
     depth = len(sch.get_loops(init)) - len(tile_loops) - 1  # the loops outside the tile
     for stage in (init, accumulators):
@@ -431,17 +437,24 @@ def _vector_factor(extent: int, lanes: int) -> int | None:
                 None)
 
 
-def _parallelize(sch: s_tir.Schedule, loops: list, work: int) -> None:
+def _parallelize(sch: s_tir.Schedule, loops: list, work: int,
+                 chunks: int = PARALLEL_CHUNKS) -> None:
     """Run the outermost of ``loops`` in parallel, fused with the next ones only until there
-    are enough chunks (inner loops keep their plain, affine indices)."""
+    are ``chunks`` (inner loops keep their plain, affine indices)."""
     if not loops or work < PARALLEL_MIN_WORK:
         return
+    count = _leading(sch, loops, chunks)
+    sch.parallel(sch.fuse(*loops[:count]) if count > 1 else loops[0])
+
+
+def _leading(sch: s_tir.Schedule, loops: list, chunks: int) -> int:
+    """How many of the outermost ``loops`` it takes to have ``chunks`` iterations."""
     count = 1
-    for chunks, loop in enumerate(loops, 1):
+    for number, loop in enumerate(loops, 1):
         count *= int(sch.get(loop).extent)
-        if count >= PARALLEL_CHUNKS:
-            break
-    sch.parallel(sch.fuse(*loops[:chunks]) if chunks > 1 else loops[0])
+        if count >= chunks:
+            return number
+    return len(loops)
 
 
 def _vectorize(sch: s_tir.Schedule, loop, extent: int, lanes: int) -> None:

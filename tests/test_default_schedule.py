@@ -84,9 +84,9 @@ def test_conv_register_tile():
 
 
 def test_large_reduction_is_split_outside_the_tile():
-    """Both matmul inputs exceed the cache: the reduction is split, its outer part outermost,
-    so each block of both inputs is read once from memory; the tile accumulates in the
-    output."""
+    """Both matmul inputs exceed the cache: the reduction is split, its blocks walked inside
+    the first few (parallel) tile loops, so that each chunk rereads a block of both inputs
+    from cache; the tile accumulates in the output."""
     before = only_kernel(kernels(lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)))
     sch = s_tir.Schedule(before)
     matmul = sch.get_sblock("matmul")
@@ -94,7 +94,7 @@ def test_large_reduction_is_split_outside_the_tile():
     i_outer, i_inner = sch.split(i, [None, 16])
     j_outer, j_inner = sch.split(j, [None, 4])
     k_outer, k_inner = sch.split(k, [None, 768])  # (16 + 4) x 768 elements within 64 KiB
-    sch.reorder(k_outer, i_outer, j_outer, k_inner, i_inner, j_inner)
+    sch.reorder(i_outer, j_outer, k_outer, k_inner, i_inner, j_inner)  # 2 x 8 >= 4 chunks
     sch.vectorize(j_inner)
     sch.unroll(i_inner)
     sch.decompose_reduction(matmul, k_outer)
