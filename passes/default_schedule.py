@@ -20,7 +20,10 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
 
    The vector is the widest such axis, preferring the output's contiguous one; on small maps
    it is the output channel (the weight copied with it last) and the tile runs over pixels.
-   Elementwise consumers that cover the whole output are inlined into the write-back.
+   Elementwise consumers that cover the whole output are inlined into the write-back. Where
+   the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
+   reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
+   in the output, so that a chunk rereads each block from cache.
 3. Other reduction blocks (pooling, sums, depthwise convs) are vectorized along a unit-stride
    axis, read off the flattened buffer indices:
 
@@ -253,6 +256,8 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 @dataclass(eq=False)
 class _TilePlan:
+    """A register tile: which axis is vectorized, which are unrolled, which inputs relaid out."""
+
     vector: _Axis                  # vectorized, fed by loads contiguous along it
     factor: int                    # its vector width
     tiles: list[tuple[_Axis, int]]  # unrolled tile axes and their tile extents
@@ -296,8 +301,8 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     reduction loops: spatial tile loops outside (parallel), then the reduction loops, then the
     unrolled tile loops and the vector. The accumulators are initialised before and written back
     (with fused elementwise consumers) after the reduction loops. Where the reduction is split
-    (:func:`_reduction_block`), its outer part runs outermost and the tile accumulates in the
-    output."""
+    (:func:`_reduction_block`), its blocks run inside the first few (parallel) tile loops and
+    the tile accumulates in the output."""
     stmt = sch.get(block)
     # The loops over the largest input go outermost, so that it is read once and the smaller
     # inputs are reread from cache (a weight slab by every image of the batch, or an image by
