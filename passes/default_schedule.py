@@ -6,8 +6,26 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
 
 1. Producers are inlined into their consumers, except a producer with a condition (padding)
    into a reduction, where the condition would sit in the innermost loop.
-2. Each reduction block (conv, conv_transpose, matmul, pooling, sums) is vectorized along a
-   unit-stride axis, read off the flattened buffer indices:
+2. A dense reduction block (conv, conv_transpose, matmul, weight gradients) gets a *register
+   tile*: a spatial ``vector`` axis, contiguous in every input that uses it (after a relayout
+   copy, as below), and tile axes that those inputs do not use (at least ``TILE_MIN`` tile
+   points), so each loaded vector feeds one accumulator per tile point (at most
+   ``TILE_ACCUMULATORS`` vector registers)::
+
+       for c_o, n, h, w_o (parallel):          # the largest input's axes outermost
+           acc[0:16, 0:4] = 0                  # local buffer: registers
+           for rc, ry, rx:  for c_i (unrolled):  for w_i (vector):
+               acc[c_i, w_i] += x[n, rc, h + ry, 4 w_o + w_i + rx] * k[16 c_o + c_i, rc, ry, rx]
+           y[n, 16 c_o + c_i, h, 4 w_o + w_i] = relu(acc[c_i, w_i] + b[...])   # epilogue fused
+
+   The vector is the widest such axis, preferring the output's contiguous one; on small maps
+   it is the output channel (the weight copied with it last) and the tile runs over pixels.
+   Elementwise consumers that cover the whole output are inlined into the write-back. Where
+   the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
+   reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
+   in the output, so that a chunk rereads each block from cache.
+3. Other reduction blocks (pooling, sums, depthwise convs) are vectorized along a unit-stride
+   axis, read off the flattened buffer indices:
 
    - *spatial*: the output's contiguous row (its trailing axes, fused until a vector wide),
      when every input that it indexes reads it with one stride of at most 4 (strided convs
@@ -23,9 +41,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
      on 1×1 maps reads ``k[c, rc, ry, rx]`` along output channels ``c``), that input is first
      copied with the axis last (``reindex_cache_read``), then vectorized as *spatial*.
 
-3. Spatial blocks are vectorized along their innermost row (trailing axes, fused until a
+4. Spatial blocks are vectorized along their innermost row (trailing axes, fused until a
    vector wide).
-4. The outer spatial loops of a block run in parallel when it has enough work.
+5. The outer spatial loops of a block run in parallel when it has enough work.
 
 Each step is a TIR schedule primitive, so results equal the unscheduled kernel's, up to float
 reassociation in the rfactor-ed sums. A block that fits none of these shapes (or a primitive
@@ -49,6 +67,17 @@ PARALLEL_MIN_WORK = 1 << 14
 MAX_GATHER_STRIDE = 4
 #: Parallel chunks to aim for: a few per core, so that cores finish close together.
 PARALLEL_CHUNKS = 64
+#: Vector registers a register tile's accumulators may take (AVX-512 and NEON have 32; the
+#: rest hold the loaded vector and broadcasts).
+TILE_ACCUMULATORS = 24
+#: The least number of accumulators for which a register tile beats the rules without one.
+TILE_MIN = 4
+#: Inputs of at most this many elements (1 MiB of float32, a core's L2) are reread from cache.
+CACHED_ELEMENTS = 1 << 18
+#: Input elements one register tile streams per block of a split reduction (64 KiB of float32).
+REDUCTION_BLOCK_ELEMENTS = 1 << 14
+#: Parallel chunks of a split reduction: few, so that each chunk's blocks stay in its cache.
+SPLIT_PARALLEL_CHUNKS = 4
 
 
 def _stride(region: tvm.ir.TensorRegion, var: tirx.Var) -> int | None:
@@ -133,20 +162,32 @@ def _relayout_for_row(sch: s_tir.Schedule, block, spatial: list[_Axis], lanes: i
     if not nonunit or _stride(stmt.writes[0], nonunit[-1].var) != 1:
         return []
     axis = nonunit[-1]
-    iters = [iv.var for iv in stmt.iter_vars]
     for index, region in enumerate(stmt.reads):
-        indices = [r.min for r in region.region]
         if (_stride(region, axis.var) or 0) <= MAX_GATHER_STRIDE or \
-                not all(isinstance(i, tirx.Var) for i in indices):
+                not all(isinstance(r.min, tirx.Var) for r in region.region):
             continue
-        order = [i for i in indices if not i.same_as(axis.var)] + [axis.var]
-        positions = [next(k for k, v in enumerate(iters) if v.same_as(i)) for i in order]
-        relayout = tirx.IndexMap.from_func(lambda *vs: [vs[k] for k in positions],
-                                           ndim=len(iters))
-        cache = sch.reindex_cache_read(block, index, "global", relayout)
-        _elementwise(sch, _axes(sch, cache), lanes)
+        _relayout_read(sch, block, index, axis.var, lanes)
         return _output_row(sch.get(block), spatial, lanes)
     return []
+
+
+def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes: int) -> None:
+    """Copy the block's read ``index`` into a buffer indexed by the block iterators that it
+    uses, in the read's memory order but ``last`` last (``reindex_cache_read``); the copy is
+    vectorized and parallel."""
+    stmt = sch.get(block)
+    iters = [iv.var for iv in stmt.iter_vars]
+    strides = [_stride(stmt.reads[index], v) for v in iters]
+    used = sorted((k for k, stride in enumerate(strides) if stride != 0 and
+                   not iters[k].same_as(last)), key=lambda k: -abs(strides[k] or 0))
+    positions = [*used, next(k for k, v in enumerate(iters) if v.same_as(last))]
+    relayout = tirx.IndexMap.from_func(lambda *vs: [vs[k] for k in positions], ndim=len(iters))
+    cache = sch.reindex_cache_read(block, index, "global", relayout)
+    # The copy's loops run over the used iterators in block order; write in the new order.
+    axes = _axes(sch, cache)
+    axes = [axes[sorted(positions).index(k)] for k in positions]
+    sch.reorder(*[a.loop for a in axes])
+    _elementwise(sch, axes, lanes)
 
 
 class _Scheduler:
@@ -192,6 +233,10 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         _elementwise(sch, spatial, lanes)
         return
     stmt = sch.get(block)
+    plan = _tile_plan(stmt, spatial, lanes)
+    if plan is not None:
+        _register_tile(sch, block, spatial, reduce, plan, lanes)
+        return
     row = _output_row(stmt, spatial, lanes)
     inner = None if row else next(
         (a for a in reversed(reduce)
@@ -207,6 +252,151 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         _rfactor(sch, block, spatial, reduce, inner, lanes)
     else:
         _parallelize(sch, [a.loop for a in spatial], work)
+
+
+@dataclass(eq=False)
+class _TilePlan:
+    """A register tile: which axis is vectorized, which are unrolled, which inputs relaid out."""
+
+    vector: _Axis                  # vectorized, fed by loads contiguous along it
+    factor: int                    # its vector width
+    tiles: list[tuple[_Axis, int]]  # unrolled tile axes and their tile extents
+    relayout: list[int]            # reads to copy with ``vector`` last first
+
+
+def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePlan | None:
+    """The register tile of a reduction: a spatial ``vector`` axis that every input using it
+    reads contiguously (after a relayout copy where needed), and tile axes that no such input
+    uses, so that each loaded vector feeds one accumulator per tile point. Prefers the widest
+    vector, then the output's contiguous axis."""
+    write = block.writes[0]
+    candidates = sorted(reversed([a for a in spatial if a.extent > 1]),
+                        key=lambda a: _stride(write, a.var) != 1)
+    best = None
+    for vector in candidates:
+        factor = _vector_factor(vector.extent, lanes)
+        strides = [_stride(region, vector.var) for region in block.reads]
+        if factor is None or None in strides or (best and factor <= best.factor):
+            continue
+        loaded = [region for region, stride in zip(block.reads, strides) if stride]
+        tiles, budget = [], TILE_ACCUMULATORS
+        for axis in reversed(spatial):
+            if axis is vector or axis.extent == 1 or \
+                    any(_stride(region, axis.var) != 0 for region in loaded):
+                continue
+            size = max(d for d in range(1, min(budget, axis.extent) + 1) if axis.extent % d == 0)
+            if size == 1:
+                break
+            tiles.append((axis, size))
+            budget //= size
+        if math.prod(size for _, size in tiles) >= TILE_MIN:
+            best = _TilePlan(vector, factor, tiles,
+                             [i for i, stride in enumerate(strides) if stride not in (0, 1)])
+    return best
+
+
+def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axis],
+                   plan: _TilePlan, lanes: int) -> None:
+    """Compute the tile (``plan.tiles`` x the vector) in a local accumulator buffer inside the
+    reduction loops: spatial tile loops outside (parallel), then the reduction loops, then the
+    unrolled tile loops and the vector. The accumulators are initialised before and written back
+    (with fused elementwise consumers) after the reduction loops. Where the reduction is split
+    (:func:`_reduction_block`), its blocks run inside the first few (parallel) tile loops and
+    the tile accumulates in the output."""
+    stmt = sch.get(block)
+    # The loops over the largest input go outermost, so that it is read once and the smaller
+    # inputs are reread from cache (a weight slab by every image of the batch, or an image by
+    # every slab of a small weight).
+    largest = max(stmt.reads, key=lambda r: math.prod(int(d) for d in r.source.shape))
+    spatial = sorted(spatial, key=lambda a: _stride(largest, a.var) == 0)
+    contiguous = _stride(stmt.writes[0], plan.vector.var) == 1
+    split = _reduction_block(stmt, reduce, plan) if contiguous else None
+    for index in plan.relayout:
+        _relayout_read(sch, block, index, plan.vector.var, lanes)
+    if split is None:
+        accumulators = _accumulators(sch, block, plan.vector.var, contiguous)
+    inner_of = {plan.vector: plan.factor, **dict(plan.tiles)}
+    outer, inner = [], {}
+    for axis in spatial:
+        if axis in inner_of:
+            loop_outer, inner[axis] = sch.split(axis.loop, [None, inner_of[axis]])
+            outer.append(loop_outer)
+        else:
+            outer.append(axis.loop)
+    tile_loops = [inner[axis] for axis, _ in reversed(plan.tiles)]
+    reduce_loops = [a.loop for a in reduce]
+    work = math.prod(a.extent for a in spatial)
+    if split is not None:
+        # One parallel region (a few chunks, each walking the reduction blocks in turn): a
+        # parallel loop inside the blocks would synchronise the threads once per block, which
+        # is slow when other processes share the cores.
+        parallel = _leading(sch, outer, SPLIT_PARALLEL_CHUNKS)
+        blocks, reduce_loops[0] = sch.split(reduce_loops[0], [None, split])
+        outer.insert(parallel, blocks)
+    sch.reorder(*outer, *reduce_loops, *tile_loops, inner[plan.vector])
+    sch.vectorize(inner[plan.vector])
+    for loop in tile_loops:
+        sch.unroll(loop)
+    if split is not None:  # the initialisation keeps the tile's loops and their annotations
+        _parallelize(sch, outer[:parallel], work, SPLIT_PARALLEL_CHUNKS)
+        sch.decompose_reduction(block, blocks)
+        return
+    _fuse_consumers(sch, accumulators)
+    sch.reverse_compute_at(accumulators, outer[-1])
+    _parallelize(sch, outer, work)
+    init = sch.decompose_reduction(block, reduce_loops[0])
+    depth = len(sch.get_loops(init)) - len(tile_loops) - 1  # the loops outside the tile
+    for stage in (init, accumulators):
+        *others, last = sch.get_loops(stage)[depth:]
+        for loop in others:
+            sch.unroll(loop)
+        if stage == init or contiguous:
+            _vectorize(sch, last, int(sch.get(last).extent), lanes)
+        else:
+            sch.unroll(last)
+
+
+def _accumulators(sch: s_tir.Schedule, block, vector: tirx.Var, contiguous: bool):
+    """The block's output cached in a local buffer, laid out with ``vector`` last."""
+    if contiguous:
+        return sch.cache_write(block, 0, "local")
+    output = sch.get(block).writes[0]
+    iters = [iv.var for iv in sch.get(block).iter_vars]
+    order = [k for k, v in enumerate(iters) if _stride(output, v) not in (0, None)
+             and not v.same_as(vector)]
+    order.append(next(k for k, v in enumerate(iters) if v.same_as(vector)))
+    return sch.reindex_cache_write(block, 0, "local", tirx.IndexMap.from_func(
+        lambda *vs: [vs[k] for k in order], ndim=len(iters)))
+
+
+def _reduction_block(block: s_tir.SBlock, reduce: list[_Axis], plan: _TilePlan) -> int | None:
+    """Where the two largest inputs both exceed the cache (weight gradients, the gradient
+    filter's matmuls: every tile would stream both from memory), the extent of the inner part
+    of the outermost reduction axis that keeps a tile's inputs per block within
+    ``REDUCTION_BLOCK_ELEMENTS``; else None."""
+    sizes = sorted((math.prod(int(d) for d in r.source.shape) for r in block.reads), reverse=True)
+    if len(sizes) < 2 or sizes[1] <= CACHED_ELEMENTS:
+        return None
+    points = math.prod(size for _, size in plan.tiles)
+    step = (points + plan.factor) * math.prod(a.extent for a in reduce[1:])
+    split = max((d for d in range(1, reduce[0].extent + 1)
+                 if reduce[0].extent % d == 0 and d * step <= REDUCTION_BLOCK_ELEMENTS),
+                default=1)
+    return split if split < reduce[0].extent else None
+
+
+def _fuse_consumers(sch: s_tir.Schedule, block) -> None:
+    """Inline the elementwise consumers of ``block`` (bias, batch norm, activation) into it,
+    while they inline. A consumer must run over the block's whole output (TVM would inline a
+    slice of it, writing out of bounds)."""
+    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    while len(consumers := sch.get_consumers(block)) == 1:
+        if [int(iv.dom.extent) for iv in sch.get(consumers[0]).iter_vars] != shape:
+            return
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except s_tir.schedule.ScheduleError:
+            return
 
 
 def _rfactor(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axis],
@@ -252,17 +442,24 @@ def _vector_factor(extent: int, lanes: int) -> int | None:
                 None)
 
 
-def _parallelize(sch: s_tir.Schedule, loops: list, work: int) -> None:
+def _parallelize(sch: s_tir.Schedule, loops: list, work: int,
+                 chunks: int = PARALLEL_CHUNKS) -> None:
     """Run the outermost of ``loops`` in parallel, fused with the next ones only until there
-    are enough chunks (inner loops keep their plain, affine indices)."""
+    are ``chunks`` (inner loops keep their plain, affine indices)."""
     if not loops or work < PARALLEL_MIN_WORK:
         return
+    count = _leading(sch, loops, chunks)
+    sch.parallel(sch.fuse(*loops[:count]) if count > 1 else loops[0])
+
+
+def _leading(sch: s_tir.Schedule, loops: list, chunks: int) -> int:
+    """How many of the outermost ``loops`` it takes to have ``chunks`` iterations."""
     count = 1
-    for chunks, loop in enumerate(loops, 1):
+    for number, loop in enumerate(loops, 1):
         count *= int(sch.get(loop).extent)
-        if count >= PARALLEL_CHUNKS:
-            break
-    sch.parallel(sch.fuse(*loops[:chunks]) if chunks > 1 else loops[0])
+        if count >= chunks:
+            return number
+    return len(loops)
 
 
 def _vectorize(sch: s_tir.Schedule, loop, extent: int, lanes: int) -> None:

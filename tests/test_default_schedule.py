@@ -39,19 +39,65 @@ def test_elementwise_innermost_row_vectorized():
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
 
-def test_conv_output_row_inside_the_reduction():
-    """y[n, c, h, w] += x[..., w + rx] * k: w (contiguous in x and y) innermost, vectorized,
-    (n, c, h) in parallel; the padding-free "pad" copy inlined."""
-    before = only_kernel(kernels(lambda x, w: relax.op.nn.conv2d(x, w),
-                                 (2, 8, 10, 10), (8, 8, 3, 3)))
+def test_depthwise_output_row_inside_the_reduction():
+    """y[n, c, h, w] += x[n, c, h + ry, w + rx] * k[c, 0, ry, rx] (no register tile: every
+    axis but w's neighbours indexes x): w innermost, vectorized, (n, c, h) in parallel; the
+    padding-free "pad" copy inlined."""
+    before = only_kernel(kernels(lambda x, w: relax.op.nn.conv2d(x, w, groups=8),
+                                 (2, 8, 18, 18), (8, 1, 3, 3)))
     sch = s_tir.Schedule(before)
     sch.compute_inline(sch.get_sblock("pad_temp"))
-    conv = sch.get_sblock("conv2d_nchw")
+    conv = sch.get_sblock("group_conv2d_nchw")
     n, c, h, w, rc, ry, rx = sch.get_loops(conv)
     sch.reorder(n, c, h, rc, ry, rx, w)
     sch.parallel(sch.fuse(n, c, h))
     sch.vectorize(sch.split(w, [None, 4])[1])
     sch.decompose_reduction(conv, rc)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
+def test_conv_register_tile():
+    """y[n, c, h, w] += x[n, rc, h + ry, w + rx] * k[c, rc, ry, rx]: each x vector along w
+    feeds 16 accumulators (c), kept in a local buffer inside the reduction loops, initialised
+    before and written back after them; c (the largest input k's axis) outermost."""
+    before = only_kernel(kernels(lambda x, w: relax.op.nn.conv2d(x, w),
+                                 (2, 8, 6, 6), (16, 8, 3, 3)))
+    sch = s_tir.Schedule(before)
+    sch.compute_inline(sch.get_sblock("pad_temp"))
+    conv = sch.get_sblock("conv2d_nchw")
+    n, c, h, w, rc, ry, rx = sch.get_loops(conv)
+    accumulators = sch.cache_write(conv, 0, "local")
+    c_outer, c_inner = sch.split(c, [None, 16])
+    w_outer, w_inner = sch.split(w, [None, 4])
+    sch.reorder(c_outer, n, h, w_outer, rc, ry, rx, c_inner, w_inner)
+    sch.vectorize(w_inner)
+    sch.unroll(c_inner)
+    sch.reverse_compute_at(accumulators, w_outer)
+    init = sch.decompose_reduction(conv, rc)
+    for stage in (init, accumulators):
+        c_tile, w_tile = sch.get_loops(stage)[4:]
+        sch.unroll(c_tile)
+        sch.vectorize(w_tile)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
+def test_large_reduction_is_split_outside_the_tile():
+    """Both matmul inputs exceed the cache: the reduction is split, its blocks walked inside
+    the first few (parallel) tile loops, so that each chunk rereads a block of both inputs
+    from cache; the tile accumulates in the output."""
+    before = only_kernel(kernels(lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)))
+    sch = s_tir.Schedule(before)
+    matmul = sch.get_sblock("matmul")
+    i, j, k = sch.get_loops(matmul)
+    i_outer, i_inner = sch.split(i, [None, 16])
+    j_outer, j_inner = sch.split(j, [None, 4])
+    k_outer, k_inner = sch.split(k, [None, 768])  # (16 + 4) x 768 elements within 64 KiB
+    sch.reorder(i_outer, j_outer, k_outer, k_inner, i_inner, j_inner)  # 2 x 8 >= 4 chunks
+    sch.vectorize(j_inner)
+    sch.unroll(i_inner)
+    sch.decompose_reduction(matmul, k_outer)
     expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
@@ -71,6 +117,40 @@ def reduction_vectorized(func: tirx.PrimFunc) -> bool:
                and any(sch.get(loop).kind == tirx.ForKind.VECTORIZED
                        for loop in sch.get_loops(block))
                for block in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def register_tiled(func: tirx.PrimFunc) -> bool:
+    """Whether a reduction block runs in an unrolled tile of vectors (no other rule unrolls)."""
+    sch = s_tir.Schedule(func)
+    return any(any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+               and {tirx.ForKind.UNROLLED, tirx.ForKind.VECTORIZED}
+               <= {sch.get(loop).kind for loop in sch.get_loops(block)}
+               for block in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def writes_in_bounds(func: tirx.PrimFunc) -> bool:
+    """Whether every block writes inside its buffers, over its iterators' whole domain (an
+    out-of-bounds write may go unnoticed in the numbers)."""
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(block)
+        analyzer = tvm.sym.Analyzer()
+        for iv in stmt.iter_vars:
+            analyzer.bind(iv.var, iv.dom)
+        for region in stmt.writes:
+            for r, size in zip(region.region, region.source.shape):
+                bound = analyzer.const_int_bound(r.min + r.extent - 1)
+                if bound.min_value < 0 or bound.max_value >= int(size):
+                    return False
+    return True
+
+
+def gf_grad_weight(g, x):
+    """The gradient filter's weight gradient: Σ over batch and blocks of ḡ·x̃, a batched
+    matmul of permuted, flattened tensors (see passes/gradient_filter.py)."""
+    flat = lambda t: relax.op.reshape(relax.op.permute_dims(relax.op.reshape(
+        t, (4, 1, t.ty.shape[1], 3, 5)), [1, 2, 0, 3, 4]), (1, t.ty.shape[1], 60))
+    return relax.op.matmul(flat(g), relax.op.permute_dims(flat(x), [0, 2, 1]))
 
 
 CASES = {
@@ -94,7 +174,19 @@ CASES = {
     "conv_bn_relu6": (lambda x, w, s: relax.op.clip(relax.op.multiply(
         relax.op.nn.conv2d(x, w, padding=1), s), 0, 6), (8, 16, 8, 8), (16, 16, 3, 3),
         (1, 16, 1, 1)),
+    "conv_small_map_bias_relu": (lambda x, w, b: relax.op.nn.relu(relax.op.add(
+        relax.op.nn.conv2d(x, w, padding=1), b)), (8, 32, 4, 4), (32, 32, 3, 3), (1, 32, 1, 1)),
+    "conv_transpose_stride2": (lambda x, w: relax.op.nn.conv2d_transpose(
+        x, w, strides=2, padding=1, output_padding=1), (4, 32, 5, 5), (32, 16, 3, 3)),
+    "conv_sliced_add": (lambda x, w, b: relax.op.add(relax.op.strided_slice(
+        relax.op.nn.conv2d(x, w), [2, 3], [0, 0], [3, 3]), b),
+        (4, 8, 6, 6), (16, 8, 3, 3), (4, 16, 3, 3)),
+    "matmul_split_reduction": (lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)),
+    "batch_matmul": (lambda a, b: relax.op.matmul(a, b), (2, 16, 32), (2, 32, 24)),
+    "gf_grad_weight": (gf_grad_weight, (4, 32, 3, 5), (4, 24, 3, 5)),
 }
+#: The kernels whose reduction gets a register tile (the others have no axis to tile).
+TILED = set(CASES) - {"depthwise", "avg_pool", "sum_hw"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -105,8 +197,11 @@ def test_scheduled_kernels_compute_the_same(case):
         scheduled = DefaultCPUSchedule()(mod)
     assert all(f.attrs[SCHEDULED_ATTR] for f in scheduled.functions.values()
                if isinstance(f, tirx.PrimFunc))
-    assert any(reduction_vectorized(f) for f in scheduled.functions.values()
-               if isinstance(f, tirx.PrimFunc)), "the rules no longer vectorize the reduction"
+    funcs = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    assert any(reduction_vectorized(f) for f in funcs), \
+        "the rules no longer vectorize the reduction"
+    assert any(register_tiled(f) for f in funcs) == (case in TILED)
+    assert all(writes_in_bounds(f) for f in funcs)
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
     results = []
