@@ -307,13 +307,15 @@ def _mean_secs(result) -> float:
         else float("inf")
 
 
-def prune(directory: str | os.PathLike, tasks: list[ms.ExtractedTask]) -> int:
-    """Keep only the best record of each workload that one of ``tasks`` uses. Returns the
-    number of records kept."""
+def prune(directory: str | os.PathLike, tasks: list[ms.ExtractedTask],
+          keep: Callable[[tvm.IRModule], bool] | None = None) -> int:
+    """Keep only the best record of each workload that one of ``tasks`` uses (and that
+    ``keep`` accepts). Returns the number of records kept."""
     if not (Path(directory) / RECORDS).is_file():
         raise ConfigError(f"{os.fspath(directory)}: no tuning database ({RECORDS})")
     used = ms.database.MemoryDatabase()
     for task in tasks:
         used.commit_workload(task.dispatched[0])
     database = open_database(directory)
-    return _write(directory, lambda out: _copy_best([database], out, used.has_workload))
+    return _write(directory, lambda out: _copy_best(
+        [database], out, lambda mod: used.has_workload(mod) and (keep is None or keep(mod))))

@@ -99,6 +99,23 @@ def test_merge_keeps_best_and_prune_drops_unused(tuned, tmp_path):
     assert len(tuning.open_database(merged).get_all_tuning_records()) == 1
 
 
+def test_prune_drops_records_slower_than_the_default(tuned, tmp_path):
+    """The record's measured time set to 1000 s: prune --drop-slower drops it, plain prune
+    keeps it."""
+    _, path, database = tuned
+    (record,) = tuning.open_database(database).get_all_tuning_records()
+    slow = tuning.open_database(tmp_path / "slow")
+    slow.commit_tuning_record(ms.database.TuningRecord(
+        record.trace, slow.commit_workload(record.workload.mod), [1e3], record.target,
+        record.args_info))
+    prune = ["tune.py", "prune", str(tmp_path / "slow"), str(path), "--train", "all",
+             "--batch", "4"]
+    run(*prune)
+    assert len(tuning.open_database(tmp_path / "slow").get_all_tuning_records()) == 1
+    assert "1 records no faster than the default" in run(*prune, "--drop-slower")
+    assert tuning.open_database(tmp_path / "slow").get_all_tuning_records() == []
+
+
 def test_schedules_option_errors(tuned, tmp_path):
     _, path, _ = tuned
     with pytest.raises(gftvm.ConfigError, match="no tuning database"):

@@ -6,13 +6,14 @@
         [--rpc-tracker HOST:PORT --rpc-key rasp4] [-o schedules/host]
     python tools/tune.py merge SRC [SRC ...] -o schedules/host
     python tools/tune.py prune schedules/host [MODEL.onnx] --train last:4 --batch 8 \
-        [--filter-patch 2 ...]
+        [--filter-patch 2 ...] [--drop-slower]
 
 ``tune`` tunes the exact-backprop step and, per --filter-patch R, the gradient-filtered step
 (kernels they share are tuned once), times each tuned kernel's default schedule the same way,
 and merges the best records that beat it (all with --keep-all) into the output database
 (default schedules/<target>/), which gftvm.compile applies. The work directory is resumable.
-``prune`` keeps only the records of kernels that the given train steps use.
+``prune`` keeps only the records of kernels that the given train steps use (with
+--drop-slower, only those still faster than the default schedule, e.g. after it improved).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prune = sub.add_parser("prune", help="drop the kernels the given train steps do not use")
     prune.add_argument("database")
     add_model_arguments(prune, several_patches=True)
+    prune.add_argument("--drop-slower", action="store_true",
+                       help="also drop records no faster than the kernel's current default "
+                            "schedule, timed now as tune does")
     return parser.parse_args(argv)
 
 
@@ -110,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             args.work_dir = args.work_dir or os.path.join("out", "tune", args.target)
         tasks = tuning.extract_tasks(train_steps(args, log), target)
         if args.command == "prune":
-            log(f"{args.database}: {tuning.prune(args.database, tasks)} records kept "
+            keep = None
+            if args.drop_slower:
+                slower = tuning.slower_than_default(tasks, args.database, target,
+                                                    tuning.builder(spec, 1),
+                                                    tuning.runner(None, None))
+                log(f"{len(slower.workloads)} records no faster than the default schedule")
+                keep = lambda mod: not slower.has_workload(mod)
+            log(f"{args.database}: {tuning.prune(args.database, tasks, keep)} records kept "
                 f"for {len(tasks)} kernels")
             return 0
         output = args.output or os.fspath(tuning.SCHEDULES / args.target)
