@@ -61,13 +61,23 @@ def live_taps(kernel: int, positions: int, extent: int, stride: int, pad_before:
                    for o in range(positions))]
 
 
+def _live_range(kernel: int, positions: int, extent: int, stride: int, pad_before: int,
+                dilation: int) -> tuple[int, int] | None:
+    """[begin, end) of the live taps (:func:`live_taps`), or None when there is nothing to
+    prune (every tap live, or none)."""
+    live = live_taps(kernel, positions, extent, stride, pad_before, dilation)
+    if not live or (live[0], live[-1]) == (0, kernel - 1):
+        return None
+    return live[0], live[-1] + 1
+
+
 def prune_conv_axis(kernel: int, size_in: int, size_out: int, stride: int,
                     padding: tuple[int, int], dilation: int) -> AxisPrune | None:
     """The pruned axis of a conv2d, or None if every tap is kept."""
-    live = live_taps(kernel, size_out, size_in, stride, padding[0], dilation)
-    if not live or (live[0], live[-1]) == (0, kernel - 1):
+    taps = _live_range(kernel, size_out, size_in, stride, padding[0], dilation)
+    if taps is None:
         return None
-    begin, end = live[0], live[-1] + 1
+    begin, end = taps
     before = padding[0] - begin * dilation
     reach = (size_out - 1) * stride - before + (end - begin - 1) * dilation - (size_in - 1)
     after = max(reach, 0)
@@ -80,10 +90,10 @@ def prune_conv_axis(kernel: int, size_in: int, size_out: int, stride: int,
 def prune_transpose_axis(kernel: int, size_in: int, size_out: int, stride: int,
                          padding: tuple[int, int], dilation: int) -> AxisPrune | None:
     """The pruned axis of a conv2d_transpose, or None if every tap is kept."""
-    live = live_taps(kernel, size_in, size_out, stride, padding[0], dilation)
-    if not live or (live[0], live[-1]) == (0, kernel - 1):
+    taps = _live_range(kernel, size_in, size_out, stride, padding[0], dilation)
+    if taps is None:
         return None
-    begin, end = live[0], live[-1] + 1
+    begin, end = taps
     span = (end - begin - 1) * dilation
     before = padding[0] - begin * dilation
     excess = (size_in - 1) * stride - before + span + 1 - size_out
