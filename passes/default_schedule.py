@@ -181,13 +181,17 @@ def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes
     used = sorted((k for k, stride in enumerate(strides) if stride != 0 and
                    not iters[k].same_as(last)), key=lambda k: -abs(strides[k] or 0))
     positions = [*used, next(k for k, v in enumerate(iters) if v.same_as(last))]
-    relayout = tirx.IndexMap.from_func(lambda *vs: [vs[k] for k in positions], ndim=len(iters))
-    cache = sch.reindex_cache_read(block, index, "global", relayout)
+    cache = sch.reindex_cache_read(block, index, "global", _picking(positions, len(iters)))
     # The copy's loops run over the used iterators in block order; write in the new order.
     axes = _axes(sch, cache)
     axes = [axes[sorted(positions).index(k)] for k in positions]
     sch.reorder(*[a.loop for a in axes])
     _elementwise(sch, axes, lanes)
+
+
+def _picking(positions: list[int], ndim: int) -> tirx.IndexMap:
+    """The index map from the ``ndim`` block iterators to those at ``positions``, in order."""
+    return tirx.IndexMap.from_func(lambda *vs: [vs[k] for k in positions], ndim=ndim)
 
 
 class _Scheduler:
@@ -365,8 +369,7 @@ def _accumulators(sch: s_tir.Schedule, block, vector: tirx.Var, contiguous: bool
     order = [k for k, v in enumerate(iters) if _stride(output, v) not in (0, None)
              and not v.same_as(vector)]
     order.append(next(k for k, v in enumerate(iters) if v.same_as(vector)))
-    return sch.reindex_cache_write(block, 0, "local", tirx.IndexMap.from_func(
-        lambda *vs: [vs[k] for k in order], ndim=len(iters)))
+    return sch.reindex_cache_write(block, 0, "local", _picking(order, len(iters)))
 
 
 def _reduction_block(block: s_tir.SBlock, reduce: list[_Axis], plan: _TilePlan) -> int | None:
