@@ -29,6 +29,7 @@ from tvm.ir.utils import derived_object
 
 from .errors import ConfigError
 from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel
+from .passes.hoist_updates import HoistStateUpdates
 from .passes.inplace_update import InPlaceStateUpdate
 from .targets import AARCH64_CXX, TargetSpec
 
@@ -104,6 +105,7 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
         with target:
             lowered = DefaultCPUSchedule()(lowered)
     for func_name, inputs in (donated or {}).items():
+        lowered = HoistStateUpdates(func_name, inputs)(lowered)
         lowered = InPlaceStateUpdate(func_name, inputs)(lowered)
     return tvm.compile(lowered, target=target), tuned
 

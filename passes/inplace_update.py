@@ -44,19 +44,29 @@ def _tir_call(value: relax.Expr) -> tuple[relax.GlobalVar, list[relax.Expr]] | N
     return None
 
 
+def _view_roots(mod: tvm.IRModule, bindings: list[relax.Binding], inputs: set[relax.Var]
+                ) -> dict[relax.Var, set[relax.Var]]:
+    """For each var bound to (a view of) some of ``inputs``, which ones: the result of anything
+    but a kernel that computes a new tensor may share its operands' memory."""
+    roots = {var: {var} for var in inputs}
+    for binding in bindings:
+        used = set().union(*(roots.get(v, set()) for v in relax.analysis.free_vars(binding.value)))
+        call = _tir_call(binding.value)
+        if used and (call is None or relax.analysis.has_reshape_pattern(mod[call[0]])):
+            roots[binding.var] = used
+    return roots
+
+
 def _last_uses(mod: tvm.IRModule, func: relax.Function, donated: set[relax.Var]
                ) -> dict[relax.Var, float]:
-    """Binding index of each donated input's last use, counting uses of its views (the result
-    of anything but a kernel that computes a new tensor may share its memory)."""
-    roots = {var: {var} for var in donated}
+    """Binding index of each donated input's last use, counting uses of its views."""
+    bindings = _bindings(func)
+    roots = _view_roots(mod, bindings, donated)
     last: dict[relax.Var, float] = {}
-    for index, binding in enumerate(_bindings(func)):
-        used = set().union(*(roots.get(v, set()) for v in relax.analysis.free_vars(binding.value)))
-        for root in used:
-            last[root] = index
-        call = _tir_call(binding.value)
-        if call is None or relax.analysis.has_reshape_pattern(mod[call[0]]):
-            roots[binding.var] = used
+    for index, binding in enumerate(bindings):
+        for var in relax.analysis.free_vars(binding.value):
+            for root in roots.get(var, ()):
+                last[root] = index
     for var in relax.analysis.free_vars(func.body.body):
         for root in roots.get(var, ()):
             last[root] = _NEVER_DEAD
