@@ -23,10 +23,17 @@
     python tools/bench.py ort    [--models ...] [--filter-layers last:4] [--batch 8]
         train-step time of one onnxruntime-training artifact (32x32, SGD): in ORT's training
         API vs compiled by gftvm, exact (BP) and with gradient filtering R2 (GF)
-    python tools/bench.py layers [--patch 2 4] [--batch 8] [--csv F] [--plot F]
+    python tools/bench.py layers [--patch 2 4] [--shapes CxHxW ...] [--batch 8] [--csv F]
+                                 [--plot F]
         per-layer conv backward on the paper's shapes: gftvm's compiled gradient-filter
         backward vs PyTorch's oneDNN exact backward (grad_x + grad_w) vs PyTorch-eager
-        gradient filtering, and the memory-traffic floor (gy read + grad_x written)
+        gradient filtering, and the roofline floor of the filtered backward: the larger of
+        its memory-traffic floor (gy read + grad_x written, at the copy bandwidth measured in
+        the run) and its compute floor (its FLOPs, filtered_backward_flops, at the rate of the
+        fastest large fp32 torch.matmul in the run: an achievable rate on this machine, not
+        the datasheet peak). bp/floor is the speedup over oneDNN's backward that the floor
+        allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
+        machine can reach that goal
 """
 
 from __future__ import annotations
@@ -46,6 +53,14 @@ MIB = 1 << 20
 # (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
 PAPER_SHAPES = [(128, 120, 160), (256, 60, 80), (512, 30, 40), (512, 14, 14), (256, 14, 14),
                 (128, 28, 28), (64, 56, 56)]
+
+
+def layer_shape(text: str) -> tuple[int, int, int]:
+    """``CxHxW`` -> (C, H, W)."""
+    parts = text.split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CxHxW, e.g. 512x14x14")
+    return tuple(int(p) for p in parts)
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,6 +94,8 @@ def parse_args() -> argparse.Namespace:
     ort.add_argument("--filter-layers", default="last:4")
     layers = sub.add_parser("layers", help="per-layer backward on the paper's shapes")
     layers.add_argument("--patch", nargs="+", type=int, default=[2, 4])
+    layers.add_argument("--shapes", nargs="+", type=layer_shape, default=PAPER_SHAPES,
+                        metavar="CxHxW", help="conv shapes (default: the paper's)")
     layers.add_argument("--csv", default="out/bench_layers.csv")
     layers.add_argument("--plot", default="out/bench_layers.png")
     return parser.parse_args()
@@ -302,13 +319,10 @@ def bench_profile(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def compiled_filtered_backward(layer):
-    """backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops, compiled alone
-    (fused and default-scheduled as in a train step)."""
-    import tvm
+def filtered_backward_module(layer):
+    """IRModule with backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops alone."""
     from tvm import relax
 
-    from gftvm import targets, tuning
     from gftvm.passes.gradient_filter import (filtered_grad_input, filtered_grad_weight,
                                               pooled_gradient)
 
@@ -324,8 +338,39 @@ def compiled_filtered_backward(layer):
             grad_w = bb.emit(filtered_grad_weight(bb, g_pool, x_sum, layer))
             out = bb.emit_output(relax.Tuple([grad_x, grad_w]))
         bb.emit_func_output(out)
-    executable, _ = tuning.compile_module(bb.get(), targets.get("host").tvm_target(), None)
+    return bb.get()
+
+
+def compiled_filtered_backward(layer):
+    """:func:`filtered_backward_module` compiled (fused and default-scheduled as in a train
+    step), as a callable."""
+    import tvm
+    from tvm import relax
+
+    from gftvm import targets, tuning
+
+    executable, _ = tuning.compile_module(filtered_backward_module(layer),
+                                          targets.get("host").tvm_target(), None)
     return relax.VirtualMachine(executable, tvm.cpu())["backward"]
+
+
+def filtered_backward_flops(layer) -> dict[str, int]:
+    """Floating-point operations of the filtered backward (:func:`filtered_backward_module`),
+    per kernel, counted from the shapes; a multiply-accumulate is 2. The upsample of grad_x
+    and the broadcast of grad_w to every tap are copies (memory traffic, no arithmetic)."""
+    n, co, height, width = layer.y_shape
+    ci_group, kh, kw = layer.w_shape[1:]
+    windows = n * co * layer.blocks[0] * layer.blocks[1]
+    low_macs = windows * ci_group   # per group: (Co/g x Ci/g) times (Co/g x N*P*Q), g groups
+    scale = n * ci_group * layer.groups * layer.blocks[0] * layer.blocks[1]
+    return {
+        # R x R adds per window (partial windows add padded zeros) and one divide per window
+        "g_pool": windows * layer.patch ** 2 + windows,
+        "w_sum": 0 if (kh, kw) == (1, 1) else co * ci_group * kh * kw,
+        # grad_x at low resolution, times 1/s^2 when strided
+        "gx_low": 2 * low_macs + (scale if layer.strides != (1, 1) else 0),
+        "gw": 2 * low_macs,     # pooled gy x pooled x, summed over N, P, Q
+    }
 
 
 def eager_filtered_backward(gy, x_sum, w, patch):
@@ -349,6 +394,31 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src), 5) / 1e3)
 
 
+def matmul_flops_rate() -> float:
+    """FLOP/s of the fastest of a few large fp32 ``torch.matmul`` (oneDNN, this run's thread
+    count): the rate reachable on this machine, not the datasheet peak."""
+    import torch
+
+    rates = []
+    for size in (1024, 2048):
+        a, b = torch.ones(size, size), torch.ones(size, size)
+        rates.append(2 * size ** 3 / (median_ms(lambda: torch.matmul(a, b), 3) / 1e3))
+    return max(rates)
+
+
+LAYER_COLUMNS = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms",
+                 "traffic_floor_ms", "compute_floor_ms", "floor_ms", "bp/gf", "eager/gf",
+                 "gf/floor", "bp/floor"]
+
+
+def roofline_floor_ms(traffic_bytes: int, flops: int, bandwidth: float, flops_rate: float
+                      ) -> tuple[float, float, float]:
+    """(traffic floor, compute floor, floor) in ms: the time to move the bytes at
+    ``bandwidth``, to do the FLOPs at ``flops_rate``, and the larger of the two."""
+    traffic, compute = traffic_bytes / bandwidth * 1e3, flops / flops_rate * 1e3
+    return traffic, compute, max(traffic, compute)
+
+
 def bench_layers(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
@@ -356,14 +426,13 @@ def bench_layers(args: argparse.Namespace) -> None:
 
     from gftvm.passes.gradient_filter import ConvGeometry
 
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms", "floor_ms",
-              "bp/gf", "eager/gf", "gf/floor"]
-    print(" ".join(f"{h:>11}" for h in header))
+    bandwidth, flops_rate = copy_bandwidth(), matmul_flops_rate()
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {flops_rate / 1e9:.1f} GFLOP/s")
+    widths = [max(8, len(h)) for h in LAYER_COLUMNS]
+    print(" ".join(f"{h:>{width}}" for h, width in zip(LAYER_COLUMNS, widths)))
     rows = []
     n = args.batch
-    for c, h, w in PAPER_SHAPES:
+    for c, h, w in args.shapes:
         rng = np.random.default_rng(0)
         x = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
         gy = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
@@ -380,15 +449,22 @@ def bench_layers(args: argparse.Namespace) -> None:
             gf = median_ms(lambda: backward(*inputs), args.repeat)
             eager = median_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
                               args.repeat)
-            floor = 2 * gy.numel() * 4 / bandwidth * 1e3
-            row = [c, h, w, patch, gf, torch_bp, eager, floor, torch_bp / gf, eager / gf,
-                   gf / floor]
-            rows.append(row)
-            print(" ".join(f"{v:>11.2f}" if isinstance(v, float) else f"{v:>11}" for v in row),
-                  flush=True)
+            traffic, compute, floor = roofline_floor_ms(
+                2 * gy.numel() * 4, sum(filtered_backward_flops(layer).values()), bandwidth,
+                flops_rate)
+            values = [c, h, w, patch, gf, torch_bp, eager, traffic, compute, floor,
+                      torch_bp / gf, eager / gf, gf / floor, torch_bp / floor]
+            rows.append(dict(zip(LAYER_COLUMNS, values)))
+            print(" ".join(f"{v:>{width}.2f}" if isinstance(v, float) else f"{v:>{width}}"
+                           for v, width in zip(values, widths)), flush=True)
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+        f.write(f"# {machine_description(args)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+                f"fp32 matmul {flops_rate / 1e9:.1f} GFLOP/s\n")
+        writer = csv.DictWriter(f, LAYER_COLUMNS)
+        writer.writeheader()
+        writer.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                          for r in rows])
     plot_layers(rows, args.plot)
     print(f"wrote {args.csv} and {args.plot}")
 
@@ -442,13 +518,17 @@ def grouped_bars(ax, rows: list[dict], series: list[tuple[str, str]]) -> None:
               frameon=False)
 
 
-def plot_layers(rows: list[list], path: str) -> None:
+def plot_layers(rows: list[dict], path: str) -> None:
     plt = pyplot()
-    labels = [f"{r[0]}ch {r[1]}x{r[2]} R{r[3]}" for r in rows]
+    labels = [f"{r['C']}ch {r['H']}x{r['W']} R{r['R']}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for column, name in [(4, "gftvm GF (compiled)"), (5, "PyTorch BP (oneDNN)"),
-                         (6, "PyTorch eager GF"), (7, "memory floor")]:
-        ax.plot(labels, [r[column] for r in rows], marker="o", label=name)
+    for column, name, style in [("gftvm_gf_ms", "gftvm GF (compiled)", "-"),
+                                ("torch_bp_ms", "PyTorch BP (oneDNN)", "-"),
+                                ("eager_gf_ms", "PyTorch eager GF", "-"),
+                                ("floor_ms", "roofline floor of GF", "-"),
+                                ("traffic_floor_ms", "memory-traffic floor", ":"),
+                                ("compute_floor_ms", "compute floor", ":")]:
+        ax.plot(labels, [r[column] for r in rows], style, marker="o", label=name)
     ax.set_yscale("log")
     ax.set_ylabel("backward time (ms)")
     ax.tick_params(axis="x", rotation=60)
