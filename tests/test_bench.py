@@ -106,3 +106,30 @@ def test_filtered_backward_flops_match_the_compiled_kernels(layer):
 def test_roofline_floor_is_the_slower_bound():
     assert bench_cli.roofline_floor_ms(2e9, 1e9, 1e12, 1e12) == (2.0, 1.0, 2.0)
     assert bench_cli.roofline_floor_ms(1e9, 3e9, 1e12, 1e12) == (1.0, 3.0, 3.0)
+
+
+def test_forward_update_steps_every_trained_parameter_without_backward():
+    torch.manual_seed(0)
+    model = models.build("mcunet").eval()
+    trained = {name for name, _ in list(model.named_parameters())[-2:]}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trained)
+    optimizer = bench_steps.momentum_sgd(model)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="no gradient"):
+        bench_steps.forward_update(model, images, labels, optimizer)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = torch.ones_like(param)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    step = bench_steps.forward_update(model, images, labels, optimizer)
+    step()
+    step()
+    for name, param in model.named_parameters():
+        # momentum 0.9, lr 1e-3, gradient 1: two steps move each weight by 1e-3 * (1 + 1.9)
+        moved = 2.9e-3 if name in trained else 0.0
+        np.testing.assert_allclose((before[name] - param.detach()).numpy(), moved, atol=1e-6)
+        if name in trained:   # no backward ran: the gradients are the ones set above
+            assert torch.equal(param.grad, torch.ones_like(param))
+        else:
+            assert param.grad is None
