@@ -51,8 +51,14 @@ import platform
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from gftvm.timing import median_ms
+
+if TYPE_CHECKING:
+    import tvm
+
+    from gftvm.passes.gradient_filter import ConvGeometry
 
 MIB = 1 << 20
 # (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
@@ -332,7 +338,7 @@ def bench_profile(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def filtered_backward_module(layer):
+def filtered_backward_module(layer: ConvGeometry) -> tvm.IRModule:
     """IRModule with backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops alone."""
     from tvm import relax
 
@@ -354,7 +360,7 @@ def filtered_backward_module(layer):
     return bb.get()
 
 
-def compiled_filtered_backward(layer):
+def compiled_filtered_backward(layer: ConvGeometry):
     """:func:`filtered_backward_module` compiled (fused and default-scheduled as in a train
     step), as a callable."""
     import tvm
@@ -367,21 +373,21 @@ def compiled_filtered_backward(layer):
     return relax.VirtualMachine(executable, tvm.cpu())["backward"]
 
 
-def filtered_backward_flops(layer) -> dict[str, int]:
+def filtered_backward_flops(layer: ConvGeometry) -> dict[str, int]:
     """Floating-point operations of the filtered backward (:func:`filtered_backward_module`),
     per kernel, counted from the shapes; a multiply-accumulate is 2. The upsample of grad_x
     and the broadcast of grad_w to every tap are copies (memory traffic, no arithmetic)."""
-    n, co, height, width = layer.y_shape
+    n, co = layer.y_shape[:2]
     ci_group, kh, kw = layer.w_shape[1:]
-    windows = n * co * layer.blocks[0] * layer.blocks[1]
-    low_macs = windows * ci_group   # per group: (Co/g x Ci/g) times (Co/g x N*P*Q), g groups
-    scale = n * ci_group * layer.groups * layer.blocks[0] * layer.blocks[1]
+    pixels = n * layer.blocks[0] * layer.blocks[1]     # N x P x Q pooled pixels
+    windows = pixels * co
+    low_macs = windows * ci_group   # g groups of (Co/g x Ci/g) by N*P*Q
     return {
         # R x R adds per window (partial windows add padded zeros) and one divide per window
         "g_pool": windows * layer.patch ** 2 + windows,
         "w_sum": 0 if (kh, kw) == (1, 1) else co * ci_group * kh * kw,
         # grad_x at low resolution, times 1/s^2 when strided
-        "gx_low": 2 * low_macs + (scale if layer.strides != (1, 1) else 0),
+        "gx_low": 2 * low_macs + (pixels * layer.x_shape[1] if layer.strides != (1, 1) else 0),
         "gw": 2 * low_macs,     # pooled gy x pooled x, summed over N, P, Q
     }
 
@@ -407,15 +413,19 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src), 5) / 1e3)
 
 
-def matmul_flops_rate() -> float:
+def matmul_flops_rate(runs: int = 5) -> float:
     """FLOP/s of the fastest of a few large fp32 ``torch.matmul`` (oneDNN, this run's thread
-    count): the rate reachable on this machine, not the datasheet peak."""
+    count; after a warm-up, the fastest of ``runs`` per size): the rate reachable on this
+    machine, not the datasheet peak."""
     import torch
 
     rates = []
     for size in (1024, 2048):
         a, b = torch.ones(size, size), torch.ones(size, size)
-        rates.append(2 * size ** 3 / (median_ms(lambda: torch.matmul(a, b), 3) / 1e3))
+        torch.matmul(a, b)
+        fastest_ms = min(median_ms(lambda: torch.matmul(a, b), 1, warmup=0)
+                         for _ in range(runs))
+        rates.append(2 * size ** 3 / (fastest_ms / 1e3))
     return max(rates)
 
 
@@ -528,8 +538,8 @@ def grouped_bars(ax, rows: list[dict], series: list[tuple[str, str]]) -> None:
     values = [r.get(c) for r in rows for c, _ in series if r.get(c)]
     ax.set_yscale("log" if values and max(values) > 30 * min(values) else "linear")
     ax.set_xticks(x, [f"{r['model']}\n{r['train']} {r['method']}" for r in rows], fontsize=7)
-    ax.legend(fontsize=7, ncols=min(len(series), 4), loc="lower center", bbox_to_anchor=(0.5, 1.0),
-              frameon=False)
+    ax.legend(fontsize=7, ncols=min(len(series), 4), loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), frameon=False)
 
 
 def plot_layers(rows: list[dict], path: str) -> None:

@@ -9,8 +9,8 @@ A variant is a JSON-able dict: ``kind`` ("gftvm", "torch", "torch_forward_update
 artifact), ``batch``, ``image_size``, and for "torch" and "torch_forward_update" ``model`` (zoo
 name), ``trainable`` (parameter names) and ``patches`` (gradient-filtered Conv2d module -> R).
 "torch_forward_update" is the "torch" step without backward (forward under ``no_grad``, the
-same optimizer step): the lower bound of any method that only cuts backward work. Every variant steps on
-``gftvm.data.synthetic(batch, image_size=image_size)``.
+same optimizer step): the lower bound of any method that only cuts backward work. Every
+variant steps on ``gftvm.data.synthetic(batch, image_size=image_size)``.
 
 Peak train-step memory: after imports, loading and input creation, the peak resident set
 (VmHWM) is reset (``/proc/self/clear_refs``); then ``MEMORY_STEPS`` steps run (also the
