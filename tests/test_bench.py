@@ -85,9 +85,9 @@ def _loops(func: tvm.tirx.PrimFunc, block: str) -> list[tvm.tirx.For]:
     ConvGeometry(4, (1, 16, 8, 8), (16, 16, 3, 3), (1, 16, 8, 8), (1, 1), (1, 1), 1),
     ConvGeometry(2, (2, 8, 12, 10), (6, 4, 3, 3), (2, 6, 6, 5), (2, 2), (1, 1), 2),
 ], ids=["R2", "R2-partial", "R4", "stride2-groups2"])
-def test_filtered_backward_flops_match_the_compiled_kernels(layer):
-    """The hand count from shapes vs TVM's estimate of the lowered kernels of the filtered
-    backward. The estimate of the average pool also counts the integer arithmetic of its
+def test_filtered_backward_costs_match_the_compiled_function(layer):
+    """The hand counts from shapes vs the lowered filtered backward: bytes vs its signature,
+    FLOPs vs TVM's estimate of its kernels. The estimate of the average pool also counts the integer arithmetic of its
     divisor (count_include_pad=False), so there its sum is compared, and one divide per
     pooled value."""
     counted = bench_cli.filtered_backward_flops(layer)
@@ -101,6 +101,10 @@ def test_filtered_backward_flops_match_the_compiled_kernels(layer):
     estimated = sum(estimate_tir_flops(tvm.IRModule({"main": f})) for f in kernels.values())
     assert sum(counted.values()) - counted["g_pool"] == estimated
     assert counted["gx_low"] >= counted["gw"] > 0
+    function = lowered["backward"]
+    tensors = [param.ty for param in function.params] + list(function.ret_ty.fields)
+    assert bench_cli.filtered_backward_bytes(layer) == sum(
+        math.prod(int(d) for d in ty.shape) * 4 for ty in tensors)
 
 
 def test_roofline_floor_is_the_slower_bound():
