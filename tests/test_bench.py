@@ -1,21 +1,31 @@
-"""tools/bench.py's measurement helpers on tiny configs: the kernel profile and peak memory."""
+"""tools/bench.py's measurement helpers on tiny configs: the kernel profile, peak memory, the
+forward+update step and the FLOP count of the per-layer roofline floor."""
 
 import importlib.util
+import math
 import os
 import sys
 
 import numpy as np
 import onnx
+import pytest
 import torch
+import tvm
+from tvm.s_tir.analysis import estimate_tir_flops
 
 import gftvm
-from gftvm import models, trainable
+from gftvm import models, targets, trainable, tuning
 from gftvm.frontend import ort
+from gftvm.passes.gradient_filter import ConvGeometry
 
 TOOLS = os.path.join(os.path.dirname(__file__), os.pardir, "tools")
 sys.path.insert(0, TOOLS)
 import bench_profile  # noqa: E402
 import bench_steps  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(TOOLS, "bench.py"))
+bench_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_cli)
 
 
 def test_profile_kernels_account_for_the_step(mcunet_onnx, tmp_path):
@@ -52,9 +62,6 @@ def test_train_steps_measured_in_fresh_processes(artifact_dir, tmp_path):
 
 
 def test_ort_baseline_trains_exactly_the_same_parameters(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(TOOLS, "bench.py"))
-    bench_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_cli)
     model = models.build("mcunet")
     models.export_onnx(model, tmp_path / "m.onnx", (1, 3, 32, 32))
     trained = trainable.resolve(onnx.load(tmp_path / "m.onnx"), "last:2")
@@ -64,3 +71,69 @@ def test_ort_baseline_trains_exactly_the_same_parameters(tmp_path):
     assert ort.signature(ort.load_artifact(variant["dir"])).trainable == trained
     assert bench_cli.ort_variant(model, [*trained, "no.such.weight"], os.fspath(tmp_path),
                                  base) is None
+
+
+def _loops(func: tvm.tirx.PrimFunc, block: str) -> list[tvm.tirx.For]:
+    """The loops around one block of a kernel, outermost first."""
+    sch = tvm.s_tir.Schedule(func)
+    return [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(block))]
+
+
+@pytest.mark.parametrize("layer", [
+    ConvGeometry(2, (2, 8, 6, 10), (8, 8, 3, 3), (2, 8, 6, 10), (1, 1), (1, 1), 1),
+    ConvGeometry(2, (2, 8, 7, 9), (8, 8, 3, 3), (2, 8, 7, 9), (1, 1), (1, 1), 1),  # partial
+    ConvGeometry(4, (1, 16, 8, 8), (16, 16, 3, 3), (1, 16, 8, 8), (1, 1), (1, 1), 1),
+    ConvGeometry(2, (2, 8, 12, 10), (6, 4, 3, 3), (2, 6, 6, 5), (2, 2), (1, 1), 2),
+], ids=["R2", "R2-partial", "R4", "stride2-groups2"])
+def test_filtered_backward_costs_match_the_compiled_function(layer):
+    """The hand counts from shapes vs the lowered filtered backward: bytes vs its signature,
+    FLOPs vs TVM's estimate of its kernels. The estimate of the average pool also counts the integer arithmetic of its
+    divisor (count_include_pad=False), so there its sum is compared, and one divide per
+    pooled value."""
+    counted = bench_cli.filtered_backward_flops(layer)
+    lowered = tuning.lower(bench_cli.filtered_backward_module(layer),
+                           targets.get("host").tvm_target())
+    kernels = {gv.name_hint: f for gv, f in lowered.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc)}
+    pool = kernels.pop("avg_pool2d")
+    pooled_values = math.prod(int(loop.extent) for loop in _loops(pool, "pool_avg"))
+    assert counted["g_pool"] == estimate_tir_flops(_loops(pool, "pool_sum")[0]) + pooled_values
+    estimated = sum(estimate_tir_flops(tvm.IRModule({"main": f})) for f in kernels.values())
+    assert sum(counted.values()) - counted["g_pool"] == estimated
+    assert counted["gx_low"] >= counted["gw"] > 0
+    function = lowered["backward"]
+    tensors = [param.ty for param in function.params] + list(function.ret_ty.fields)
+    assert bench_cli.filtered_backward_bytes(layer) == sum(
+        math.prod(int(d) for d in ty.shape) * 4 for ty in tensors)
+
+
+def test_roofline_floor_is_the_slower_bound():
+    assert bench_cli.roofline_floor_ms(2e9, 1e9, 1e12, 1e12) == (2.0, 1.0, 2.0)
+    assert bench_cli.roofline_floor_ms(1e9, 3e9, 1e12, 1e12) == (1.0, 3.0, 3.0)
+
+
+def test_forward_update_steps_every_trained_parameter_without_backward():
+    torch.manual_seed(0)
+    model = models.build("mcunet").eval()
+    trained = {name for name, _ in list(model.named_parameters())[-2:]}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trained)
+    optimizer = bench_steps.momentum_sgd(model)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="no gradient"):
+        bench_steps.forward_update(model, images, labels, optimizer)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = torch.ones_like(param)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    step = bench_steps.forward_update(model, images, labels, optimizer)
+    step()
+    step()
+    for name, param in model.named_parameters():
+        # momentum 0.9, lr 1e-3, gradient 1: two steps move each weight by 1e-3 * (1 + 1.9)
+        moved = 2.9e-3 if name in trained else 0.0
+        np.testing.assert_allclose((before[name] - param.detach()).numpy(), moved, atol=1e-6)
+        if name in trained:   # no backward ran: the gradients are the ones set above
+            assert torch.equal(param.grad, torch.ones_like(param))
+        else:
+            assert param.grad is None

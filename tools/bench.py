@@ -7,7 +7,12 @@
         gftvm's compiled step with TVM's naive loops (naive), with gftvm's default schedules
         (gftvm) and with schedules/host/ records too (tuned), gftvm.compile's
         seconds with schedules (compile s), PyTorch eager BP and GF of the same layers (BN in
-        inference mode, as gftvm; GF: gftvm.reference), onnxruntime-training BP of the same
+        inference mode, as gftvm; GF: gftvm.reference), PyTorch forward + update (fwd+upd: the
+        BP step without its backward: forward under no_grad, the same SGD-momentum step on
+        gradients set once; the lower bound of any method that only cuts backward work, with
+        PyTorch's kernels: a step cutting backward work alone is at most tBP/fwd+upd times
+        faster than PyTorch BP, so a 2x goal is reachable that way only where
+        2 x fwd+upd < torch BP), onnxruntime-training BP of the same
         model and trainable set (its artifacts train BN on batch statistics; "-" where the
         trainable set cannot be matched). SGD, momentum 0.9 (ORT: SGD). Every step is timed
         alone in a fresh process, which also measures its peak memory (MiB): the peak
@@ -23,10 +28,18 @@
     python tools/bench.py ort    [--models ...] [--filter-layers last:4] [--batch 8]
         train-step time of one onnxruntime-training artifact (32x32, SGD): in ORT's training
         API vs compiled by gftvm, exact (BP) and with gradient filtering R2 (GF)
-    python tools/bench.py layers [--patch 2 4] [--batch 8] [--csv F] [--plot F]
+    python tools/bench.py layers [--patch 2 4] [--shapes CxHxW ...] [--batch 8] [--csv F]
+                                 [--plot F]
         per-layer conv backward on the paper's shapes: gftvm's compiled gradient-filter
         backward vs PyTorch's oneDNN exact backward (grad_x + grad_w) vs PyTorch-eager
-        gradient filtering, and the memory-traffic floor (gy read + grad_x written)
+        gradient filtering, and the roofline floor of the filtered backward: the larger of
+        its memory-traffic floor (its inputs gy, x_sum and W read, grad_x and grad_w written,
+        at the copy bandwidth measured in the run; tensors that stay in cache between the
+        timed runs can beat it) and its compute floor (its FLOPs, filtered_backward_flops, at the rate of the
+        fastest large fp32 torch.matmul in the run: an achievable rate on this machine, not
+        the datasheet peak). bp/floor is the speedup over oneDNN's backward that the floor
+        allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
+        machine can reach that goal
 """
 
 from __future__ import annotations
@@ -34,18 +47,33 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import math
 import os
 import platform
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from gftvm.timing import median_ms
+
+if TYPE_CHECKING:
+    import tvm
+
+    from gftvm.passes.gradient_filter import ConvGeometry
 
 MIB = 1 << 20
 # (channels, height, width) of the paper's per-layer timing; 3x3 convs, stride 1.
 PAPER_SHAPES = [(128, 120, 160), (256, 60, 80), (512, 30, 40), (512, 14, 14), (256, 14, 14),
                 (128, 28, 28), (64, 56, 56)]
+
+
+def layer_shape(text: str) -> tuple[int, int, int]:
+    """``CxHxW`` -> (C, H, W)."""
+    parts = text.split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CxHxW, e.g. 512x14x14")
+    return tuple(int(p) for p in parts)
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,6 +107,8 @@ def parse_args() -> argparse.Namespace:
     ort.add_argument("--filter-layers", default="last:4")
     layers = sub.add_parser("layers", help="per-layer backward on the paper's shapes")
     layers.add_argument("--patch", nargs="+", type=int, default=[2, 4])
+    layers.add_argument("--shapes", nargs="+", type=layer_shape, default=PAPER_SHAPES,
+                        metavar="CxHxW", help="conv shapes (default: the paper's)")
     layers.add_argument("--csv", default="out/bench_layers.csv")
     layers.add_argument("--plot", default="out/bench_layers.png")
     return parser.parse_args()
@@ -86,7 +116,8 @@ def parse_args() -> argparse.Namespace:
 
 STEP_COLUMNS = ["model", "train", "method", "image_size", "batch", "naive_ms", "gftvm_ms",
                 "tuned_ms",
-                "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms", "ort_bp_ms",
+                "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms", "torch_fwd_upd_ms",
+                "ort_bp_ms",
                 "gftvm_peak_mib", "torch_peak_mib", "ort_peak_mib", "saved_context_mib"]
 
 
@@ -94,7 +125,10 @@ def bench_steps(args: argparse.Namespace) -> None:
     print("naive: compiled step with TVM's naive loops; gftvm: with gftvm's default schedules; "
           "tuned: with schedules/host/ records too (kernels: how many "
           "got a record), compile s: gftvm.compile with schedules; torch BP / GF: PyTorch eager, "
-          "same layers trained, exact / filtered (gftvm.reference), BN inference mode; ORT BP: "
+          "same layers trained, exact / filtered (gftvm.reference), BN inference mode; fwd+upd: "
+          "PyTorch's forward (no_grad) and SGD-momentum update without backward, the bound of "
+          "any method that only cuts backward work (tBP/f+u: the largest speedup over torch BP "
+          "it allows); ORT BP: "
           "onnxruntime-training, same trainable set, BN on batch statistics ('-': not "
           "expressible); ratios: over tuned gftvm (untuned if no record). Peak MiB: memory the "
           "first steps add at their peak over the loaded model (gftvm: tuned if it has records; "
@@ -138,6 +172,7 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
         torch_bp = {"kind": "torch", "dir": tmp, "model": name, "trainable": trained,
                     "patches": {}, **base}
         torch_bp_result = measure(args, torch_bp)
+        forward_update = measure(args, {**torch_bp, "kind": "torch_forward_update"})
         ort_bp = ort_variant(model, trained, tmp, base)
         ort_result = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
         for patch in [None, *args.filter_patch]:
@@ -150,6 +185,7 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
             row = {"model": name, "train": spec, "method": method, **base, **columns,
                    "torch_bp_ms": torch_bp_result["ms"],
                    "torch_gf_ms": torch_gf_result and torch_gf_result["ms"],
+                   "torch_fwd_upd_ms": forward_update["ms"],
                    "ort_bp_ms": ort_result["ms"], "torch_peak_mib": torch_result["peak_mib"],
                    "ort_peak_mib": ort_result["peak_mib"],
                    "saved_context_mib": manifest["saved_context_bytes"] / MIB}
@@ -219,16 +255,16 @@ def measure(args: argparse.Namespace, variant: dict) -> dict:
 
 STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'naive ms':>9} {'gftvm ms':>9} "
                f"{'tuned ms':>9} "
-               f"{'kernels':>7} {'compile s':>9} {'torch BP':>9} {'torch GF':>9} {'ORT BP':>9} "
-               f"{'tBP/gftvm':>9} {'ORT/gftvm':>9} | {'peak MiB: gftvm':>15} {'torch':>7} "
-               f"{'ORT':>7} {'plan':>7}")
+               f"{'kernels':>7} {'compile s':>9} {'torch BP':>9} {'torch GF':>9} {'fwd+upd':>9} "
+               f"{'ORT BP':>9} {'tBP/gftvm':>9} {'tBP/f+u':>9} {'ORT/gftvm':>9} | "
+               f"{'peak MiB: gftvm':>15} {'torch':>7} {'ORT':>7} {'plan':>7}")
 
 
 def format_step_row(row: dict) -> str:
     cell = lambda value, width, digits=1: (f"{'-':>{width}}" if value is None
                                            else f"{value:{width}.{digits}f}")
     best = row["tuned_ms"] or row["gftvm_ms"]
-    ratio = lambda key: cell(None if row[key] is None else row[key] / best, 9)
+    ratio = lambda key, over=best: cell(None if row[key] is None else row[key] / over, 9)
     memory = " ".join(cell(row.get(key), width, 2) for key, width in
                       [("gftvm_peak_mib", 15), ("torch_peak_mib", 7), ("ort_peak_mib", 7),
                        ("saved_context_mib", 7)])
@@ -236,7 +272,9 @@ def format_step_row(row: dict) -> str:
             f"{cell(row['gftvm_ms'], 9)} "
             f"{cell(row['tuned_ms'], 9)} {row['tuned_kernels']:7d} {cell(row['compile_s'], 9)} "
             f"{cell(row['torch_bp_ms'], 9)} {cell(row['torch_gf_ms'], 9)} "
-            f"{cell(row['ort_bp_ms'], 9)} {ratio('torch_bp_ms')} {ratio('ort_bp_ms')} | {memory}")
+            f"{cell(row['torch_fwd_upd_ms'], 9)} {cell(row['ort_bp_ms'], 9)} "
+            f"{ratio('torch_bp_ms')} {ratio('torch_bp_ms', row['torch_fwd_upd_ms'])} "
+            f"{ratio('ort_bp_ms')} | {memory}")
 
 
 def bench_ort(args: argparse.Namespace) -> None:
@@ -302,13 +340,10 @@ def bench_profile(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def compiled_filtered_backward(layer):
-    """backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops, compiled alone
-    (fused and default-scheduled as in a train step)."""
-    import tvm
+def filtered_backward_module(layer: ConvGeometry) -> tvm.IRModule:
+    """IRModule with backward(gy, x_sum, w) -> (grad_x, grad_w): the pass's filtered ops alone."""
     from tvm import relax
 
-    from gftvm import targets, tuning
     from gftvm.passes.gradient_filter import (filtered_grad_input, filtered_grad_weight,
                                               pooled_gradient)
 
@@ -324,8 +359,47 @@ def compiled_filtered_backward(layer):
             grad_w = bb.emit(filtered_grad_weight(bb, g_pool, x_sum, layer))
             out = bb.emit_output(relax.Tuple([grad_x, grad_w]))
         bb.emit_func_output(out)
-    executable, _ = tuning.compile_module(bb.get(), targets.get("host").tvm_target(), None)
+    return bb.get()
+
+
+def compiled_filtered_backward(layer: ConvGeometry):
+    """:func:`filtered_backward_module` compiled (fused and default-scheduled as in a train
+    step), as a callable."""
+    import tvm
+    from tvm import relax
+
+    from gftvm import targets, tuning
+
+    executable, _ = tuning.compile_module(filtered_backward_module(layer),
+                                          targets.get("host").tvm_target(), None)
     return relax.VirtualMachine(executable, tvm.cpu())["backward"]
+
+
+def filtered_backward_bytes(layer: ConvGeometry) -> int:
+    """Bytes the filtered backward must at least move: its inputs gy, x_sum and W read, its
+    outputs grad_x and grad_w (every tap) written, fp32."""
+    n, c = layer.x_shape[:2]
+    tensors = [layer.y_shape, (n, c, *layer.blocks), layer.w_shape, layer.x_shape, layer.w_shape]
+    return 4 * sum(math.prod(shape) for shape in tensors)
+
+
+def filtered_backward_flops(layer: ConvGeometry) -> dict[str, int]:
+    """Floating-point operations of the filtered backward (:func:`filtered_backward_module`),
+    per kernel, counted from the shapes; a multiply-accumulate is 2. The upsample of grad_x
+    and the broadcast of grad_w to every tap are copies (memory traffic, no arithmetic)."""
+    n, co = layer.y_shape[:2]
+    ci_group, kh, kw = layer.w_shape[1:]
+    pixels = n * layer.blocks[0] * layer.blocks[1]     # N x P x Q pooled pixels
+    windows = pixels * co
+    low_macs = windows * ci_group   # g groups of (Co/g x Ci/g) by N*P*Q
+    return {
+        # R x R adds per window (partial windows add padded zeros) and one divide per window
+        "g_pool": windows * layer.patch ** 2 + windows,
+        "w_sum": 0 if (kh, kw) == (1, 1) else co * ci_group * kh * kw,
+        # grad_x at low resolution, times 1/s^2 when strided
+        "gx_low": 2 * low_macs + (pixels * layer.x_shape[1] if layer.strides != (1, 1) else 0),
+        "gw": 2 * low_macs,     # pooled gy x pooled x, summed over N, P, Q
+    }
 
 
 def eager_filtered_backward(gy, x_sum, w, patch):
@@ -349,6 +423,35 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src), 5) / 1e3)
 
 
+def matmul_flops_rate(runs: int = 5) -> float:
+    """FLOP/s of the fastest of a few large fp32 ``torch.matmul`` (oneDNN, this run's thread
+    count; after a warm-up, the fastest of ``runs`` per size): the rate reachable on this
+    machine, not the datasheet peak."""
+    import torch
+
+    rates = []
+    for size in (1024, 2048):
+        a, b = torch.ones(size, size), torch.ones(size, size)
+        torch.matmul(a, b)
+        fastest_ms = min(median_ms(lambda: torch.matmul(a, b), 1, warmup=0)
+                         for _ in range(runs))
+        rates.append(2 * size ** 3 / (fastest_ms / 1e3))
+    return max(rates)
+
+
+LAYER_COLUMNS = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms",
+                 "traffic_floor_ms", "compute_floor_ms", "floor_ms", "bp/gf", "eager/gf",
+                 "gf/floor", "bp/floor"]
+
+
+def roofline_floor_ms(traffic_bytes: int, flops: int, bandwidth: float, flops_rate: float
+                      ) -> tuple[float, float, float]:
+    """(traffic floor, compute floor, floor) in ms: the time to move the bytes at
+    ``bandwidth``, to do the FLOPs at ``flops_rate``, and the larger of the two."""
+    traffic, compute = traffic_bytes / bandwidth * 1e3, flops / flops_rate * 1e3
+    return traffic, compute, max(traffic, compute)
+
+
 def bench_layers(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
@@ -356,14 +459,13 @@ def bench_layers(args: argparse.Namespace) -> None:
 
     from gftvm.passes.gradient_filter import ConvGeometry
 
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms", "floor_ms",
-              "bp/gf", "eager/gf", "gf/floor"]
-    print(" ".join(f"{h:>11}" for h in header))
+    bandwidth, flops_rate = copy_bandwidth(), matmul_flops_rate()
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {flops_rate / 1e9:.1f} GFLOP/s")
+    widths = [max(8, len(h)) for h in LAYER_COLUMNS]
+    print(" ".join(f"{h:>{width}}" for h, width in zip(LAYER_COLUMNS, widths)))
     rows = []
     n = args.batch
-    for c, h, w in PAPER_SHAPES:
+    for c, h, w in args.shapes:
         rng = np.random.default_rng(0)
         x = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
         gy = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
@@ -380,15 +482,22 @@ def bench_layers(args: argparse.Namespace) -> None:
             gf = median_ms(lambda: backward(*inputs), args.repeat)
             eager = median_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
                               args.repeat)
-            floor = 2 * gy.numel() * 4 / bandwidth * 1e3
-            row = [c, h, w, patch, gf, torch_bp, eager, floor, torch_bp / gf, eager / gf,
-                   gf / floor]
-            rows.append(row)
-            print(" ".join(f"{v:>11.2f}" if isinstance(v, float) else f"{v:>11}" for v in row),
-                  flush=True)
+            traffic, compute, floor = roofline_floor_ms(
+                filtered_backward_bytes(layer), sum(filtered_backward_flops(layer).values()),
+                bandwidth, flops_rate)
+            values = [c, h, w, patch, gf, torch_bp, eager, traffic, compute, floor,
+                      torch_bp / gf, eager / gf, gf / floor, torch_bp / floor]
+            rows.append(dict(zip(LAYER_COLUMNS, values)))
+            print(" ".join(f"{v:>{width}.2f}" if isinstance(v, float) else f"{v:>{width}}"
+                           for v, width in zip(values, widths)), flush=True)
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+        f.write(f"# {machine_description(args)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+                f"fp32 matmul {flops_rate / 1e9:.1f} GFLOP/s\n")
+        writer = csv.DictWriter(f, LAYER_COLUMNS)
+        writer.writeheader()
+        writer.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                          for r in rows])
     plot_layers(rows, args.plot)
     print(f"wrote {args.csv} and {args.plot}")
 
@@ -406,6 +515,7 @@ def pyplot():
 STEP_BARS = {"time": [("naive_ms", "gftvm naive loops"), ("gftvm_ms", "gftvm default"),
                       ("tuned_ms", "gftvm tuned"),
                       ("torch_bp_ms", "PyTorch BP"), ("torch_gf_ms", "PyTorch GF"),
+                      ("torch_fwd_upd_ms", "PyTorch fwd+upd"),
                       ("ort_bp_ms", "ORT BP")],
              "memory": [("gftvm_peak_mib", "gftvm"), ("torch_peak_mib", "PyTorch"),
                         ("ort_peak_mib", "ORT BP"), ("saved_context_mib", "gftvm plan")]}
@@ -438,17 +548,21 @@ def grouped_bars(ax, rows: list[dict], series: list[tuple[str, str]]) -> None:
     values = [r.get(c) for r in rows for c, _ in series if r.get(c)]
     ax.set_yscale("log" if values and max(values) > 30 * min(values) else "linear")
     ax.set_xticks(x, [f"{r['model']}\n{r['train']} {r['method']}" for r in rows], fontsize=7)
-    ax.legend(fontsize=7, ncols=len(series), loc="lower center", bbox_to_anchor=(0.5, 1.0),
-              frameon=False)
+    ax.legend(fontsize=7, ncols=min(len(series), 4), loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), frameon=False)
 
 
-def plot_layers(rows: list[list], path: str) -> None:
+def plot_layers(rows: list[dict], path: str) -> None:
     plt = pyplot()
-    labels = [f"{r[0]}ch {r[1]}x{r[2]} R{r[3]}" for r in rows]
+    labels = [f"{r['C']}ch {r['H']}x{r['W']} R{r['R']}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for column, name in [(4, "gftvm GF (compiled)"), (5, "PyTorch BP (oneDNN)"),
-                         (6, "PyTorch eager GF"), (7, "memory floor")]:
-        ax.plot(labels, [r[column] for r in rows], marker="o", label=name)
+    for column, name, style in [("gftvm_gf_ms", "gftvm GF (compiled)", "-"),
+                                ("torch_bp_ms", "PyTorch BP (oneDNN)", "-"),
+                                ("eager_gf_ms", "PyTorch eager GF", "-"),
+                                ("floor_ms", "roofline floor of GF", "-"),
+                                ("traffic_floor_ms", "memory-traffic floor", ":"),
+                                ("compute_floor_ms", "compute floor", ":")]:
+        ax.plot(labels, [r[column] for r in rows], style, marker="o", label=name)
     ax.set_yscale("log")
     ax.set_ylabel("backward time (ms)")
     ax.tick_params(axis="x", rotation=60)

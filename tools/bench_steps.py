@@ -4,11 +4,13 @@ and measured in a fresh process (``python tools/bench_steps.py VARIANT_JSON THRE
 MEMORY_STEPS`` prints ``{"peak_mib": ..., "ms": ...}``), so that no framework's thread pool or
 allocator disturbs another's.
 
-A variant is a JSON-able dict: ``kind`` ("gftvm", "torch" or "ort"), ``dir`` (a gftvm artifact,
-a directory with ``model.pt`` (the zoo model's state_dict) or an ORT artifact), ``batch``,
-``image_size``, and for "torch" ``model`` (zoo name), ``trainable`` (parameter names) and
-``patches`` (gradient-filtered Conv2d module -> R). Every variant steps on
-``gftvm.data.synthetic(batch, image_size=image_size)``.
+A variant is a JSON-able dict: ``kind`` ("gftvm", "torch", "torch_forward_update" or "ort"),
+``dir`` (a gftvm artifact, a directory with ``model.pt`` (the zoo model's state_dict) or an ORT
+artifact), ``batch``, ``image_size``, and for "torch" and "torch_forward_update" ``model`` (zoo
+name), ``trainable`` (parameter names) and ``patches`` (gradient-filtered Conv2d module -> R).
+"torch_forward_update" is the "torch" step without backward (forward under ``no_grad``, the
+same optimizer step): the lower bound of any method that only cuts backward work. Every
+variant steps on ``gftvm.data.synthetic(batch, image_size=image_size)``.
 
 Peak train-step memory: after imports, loading and input creation, the peak resident set
 (VmHWM) is reset (``/proc/self/clear_refs``); then ``MEMORY_STEPS`` steps run (also the
@@ -66,18 +68,27 @@ def torch_model(variant: dict):
     return model
 
 
+def momentum_sgd(model):
+    """SGD with momentum 0.9 (lr 1e-3) on the model's trainable parameters, its momentum
+    buffers allocated now (a step on zero gradients changes nothing); their gradients None."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad()
+    return optimizer
+
+
 def torch_step(variant: dict) -> Callable[[], object]:
     """PyTorch eager: cross-entropy, backward, SGD with momentum 0.9 (lr 1e-3)."""
     import torch
 
     model = torch_model(variant)
     images, labels = (torch.from_numpy(a) for a in inputs(variant))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    for param in params:  # allocate the momentum buffers now (a zero step changes nothing)
-        param.grad = torch.zeros_like(param)
-    optimizer.step()
-    optimizer.zero_grad()
+    optimizer = momentum_sgd(model)
 
     def step() -> None:
         loss = torch.nn.functional.cross_entropy(model(images), labels)
@@ -86,6 +97,38 @@ def torch_step(variant: dict) -> Callable[[], object]:
         optimizer.step()
 
     return step
+
+
+def forward_update(model, images, labels, optimizer) -> Callable[[], object]:
+    """A step without backward: the loss under ``torch.no_grad()``, then ``optimizer.step()``
+    on the gradients the parameters already hold (set once; the update costs the same for any
+    values). Refuses parameters without a gradient: the optimizer would skip them."""
+    import torch
+
+    missing = [i for group in optimizer.param_groups for i, p in enumerate(group["params"])
+               if p.grad is None]
+    if missing:
+        raise ValueError(f"forward_update: optimizer parameters {missing} have no gradient")
+
+    def step() -> None:
+        with torch.no_grad():
+            torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.step()
+
+    return step
+
+
+def torch_forward_update_step(variant: dict) -> Callable[[], object]:
+    """:func:`torch_step` without its backward (:func:`forward_update`), gradients of ones."""
+    import torch
+
+    model = torch_model(variant)
+    images, labels = (torch.from_numpy(a) for a in inputs(variant))
+    optimizer = momentum_sgd(model)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = torch.ones_like(param)
+    return forward_update(model, images, labels, optimizer)
 
 
 def ort_step(variant: dict, threads: int) -> Callable[[], object]:
@@ -117,7 +160,8 @@ def make_step(variant: dict, threads: int) -> Callable[[], object]:
     """The variant's train step, ready to call (everything loaded)."""
     if variant["kind"] == "ort":
         return ort_step(variant, threads)
-    return {"gftvm": gftvm_step, "torch": torch_step}[variant["kind"]](variant)
+    return {"gftvm": gftvm_step, "torch": torch_step,
+            "torch_forward_update": torch_forward_update_step}[variant["kind"]](variant)
 
 
 def _status_kib(field: str) -> int:
