@@ -551,6 +551,7 @@ class DefaultCPUSchedule:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = tvm.target.Target.current()
+        mod = mod.clone()  # the pass gets the caller's module itself: leave that as it was
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, tirx.PrimFunc) and not (func.attrs and
                                                         SCHEDULED_ATTR in func.attrs):
