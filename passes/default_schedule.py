@@ -5,7 +5,10 @@ reduction loops innermost, where LLVM cannot vectorize. This pass gives every Pr
 not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed schedule:
 
 1. Producers are inlined into their consumers, except a producer with a condition (padding)
-   into a reduction, where the condition would sit in the innermost loop.
+   into a reduction, where the condition would sit in the innermost loop. Padding that no
+   consumer reads (the arithmetic analyzer proves the condition true at every point that a
+   consumer's read region covers, e.g. ceil-mode pools whose windows tile the map exactly) is
+   inlined without its condition: the consumer reads the unpadded map directly.
 2. A dense reduction block (conv, conv_transpose, matmul, weight gradients) gets a *register
    tile*: a spatial ``vector`` axis, contiguous in every input that uses it (after a relayout
    copy, as below), and tile axes that those inputs do not use (at least ``TILE_MIN`` tile
@@ -420,7 +423,7 @@ def _rfactor(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axi
 
 def _inline(sch: s_tir.Schedule, block) -> bool:
     """Inline the block into its consumers, unless it is padding that a reduction reads. Padding
-    that no consumer reads (:func:`_padding_unread`) goes first: its condition is dropped."""
+    that no consumer reads (:func:`_padding_unread`) is inlined without its condition."""
     consumers = sch.get_consumers(block)
     if not consumers:
         return False
