@@ -5,7 +5,10 @@ reduction loops innermost, where LLVM cannot vectorize. This pass gives every Pr
 not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed schedule:
 
 1. Producers are inlined into their consumers, except a producer with a condition (padding)
-   into a reduction, where the condition would sit in the innermost loop.
+   into a reduction, where the condition would sit in the innermost loop. Padding that no
+   consumer reads (the arithmetic analyzer proves the condition true at every point that a
+   consumer's read region covers, e.g. ceil-mode pools whose windows tile the map exactly) is
+   inlined without its condition: the consumer reads the unpadded map directly.
 2. A dense reduction block (conv, conv_transpose, matmul, weight gradients) gets a *register
    tile*: a spatial ``vector`` axis, contiguous in every input that uses it (after a relayout
    copy, as below), and tile axes that those inputs do not use (at least ``TILE_MIN`` tile
@@ -419,11 +422,15 @@ def _rfactor(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axi
 
 
 def _inline(sch: s_tir.Schedule, block) -> bool:
-    """Inline the block into its consumers, unless it is padding feeding a reduction."""
+    """Inline the block into its consumers, unless it is padding that a reduction reads. Padding
+    that no consumer reads (:func:`_padding_unread`) is inlined without its condition."""
     consumers = sch.get_consumers(block)
     if not consumers:
         return False
-    if _has_condition(sch.get(block)) and any(
+    condition = _condition(sch.get(block))
+    if condition is not None and _padding_unread(sch, block, condition, consumers):
+        _drop_condition(sch, block, condition)
+    elif condition is not None and any(
             any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(c).iter_vars)
             for c in consumers):
         return False
@@ -431,11 +438,45 @@ def _inline(sch: s_tir.Schedule, block) -> bool:
     return True
 
 
-def _has_condition(block: s_tir.SBlock) -> bool:
-    """Whether the block's value is a condition (``if_then_else``, as in padding)."""
+def _condition(block: s_tir.SBlock) -> tvm.ir.Call | None:
+    """The block's value if it is a condition (``if_then_else``, as in padding), else None."""
     value = getattr(block.body, "value", None)
-    return isinstance(value, tvm.ir.Call) and \
-        value.op.same_as(tvm.ir.Op.get("prim.if_then_else"))
+    if isinstance(value, tvm.ir.Call) and value.op.same_as(tvm.ir.Op.get("prim.if_then_else")):
+        return value
+    return None
+
+
+def _padding_unread(sch: s_tir.Schedule, block, condition: tvm.ir.Call, consumers) -> bool:
+    """Whether every consumer reads the block's output only where its condition holds: for each
+    read region of that buffer, with the block's iterators bound to a point of the region and the
+    consumer's iterators ranging over their domains, the analyzer proves the condition."""
+    store = sch.get(block).body
+    if not all(isinstance(i, tirx.Var) for i in store.indices):
+        return False
+    for consumer in map(sch.get, consumers):
+        for region in consumer.reads:
+            if not region.source.same_as(store.buffer):
+                continue
+            analyzer = tvm.sym.Analyzer()
+            for iv in consumer.iter_vars:
+                analyzer.bind(iv.var, iv.dom)
+            for index, r in zip(store.indices, region.region):
+                offset = tirx.Var(f"{index.name}_offset", index.ty)
+                analyzer.bind(offset, tvm.ir.Range.from_min_extent(0, r.extent))
+                analyzer.bind(index, r.min + offset)
+            if not analyzer.can_prove(condition.args[0]):
+                return False
+    return True
+
+
+def _drop_condition(sch: s_tir.Schedule, block, condition: tvm.ir.Call) -> None:
+    """Replace the block's value ``if_then_else(c, a, b)`` by ``a`` (sound only where every read
+    of it has ``c``)."""
+    stmt = sch.get(block)
+    store = tirx.BufferStore(stmt.body.buffer, condition.args[1], stmt.body.indices)
+    plain = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, store,
+                         stmt.init, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
+    sch.state.replace(sch.get_sref(block), plain, {stmt: plain})
 
 
 def _vector_factor(extent: int, lanes: int) -> int | None:
@@ -513,6 +554,7 @@ class DefaultCPUSchedule:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = tvm.target.Target.current()
+        mod = mod.clone()  # the pass gets the caller's module itself: leave that as it was
         for gvar, func in list(mod.functions.items()):
             if isinstance(func, tirx.PrimFunc) and not (func.attrs and
                                                         SCHEDULED_ATTR in func.attrs):

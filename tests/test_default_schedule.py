@@ -57,6 +57,32 @@ def test_depthwise_output_row_inside_the_reduction():
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
 
+def test_padding_the_windows_never_read_is_inlined():
+    """A ceil-mode pool whose windows tile the map exactly (the gradient filter's pools) pads
+    the map but never reads the padding: the padding is inlined without its condition, so the
+    kernel is scheduled exactly as the same pool without ceil mode (no pad copy, no branch)."""
+    pool = lambda ceil: lambda x: relax.op.nn.avg_pool2d(x, 4, 4, ceil_mode=ceil)
+    padded = only_kernel(kernels(pool(True), (2, 8, 4, 4)))
+    assert "pad_temp" in padded.script()
+    expected = schedule_kernel(only_kernel(kernels(pool(False), (2, 8, 4, 4))), NEON)
+    tvm.ir.assert_structural_equal(schedule_kernel(padded, NEON), expected)
+
+
+def test_padding_a_window_reads_is_kept():
+    """An overlapping 3x3 stride-2 max pool (ResNet's) reads its padding: the padded copy stays
+    a block of its own (inlined, its condition would sit in the reduction loops)."""
+    before = only_kernel(kernels(lambda x: relax.op.nn.max_pool2d(x, 3, 2, padding=1),
+                                 (2, 4, 8, 8)))
+    sch = s_tir.Schedule(before)
+    pool = sch.get_sblock("pool_max")
+    n, c, h, w, ry, rx = sch.get_loops(pool)
+    sch.reorder(n, c, h, ry, rx, w)
+    sch.vectorize(w)
+    sch.decompose_reduction(pool, ry)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
 def test_conv_register_tile():
     """y[n, c, h, w] += x[n, rc, h + ry, w + rx] * k[c, rc, ry, rx]: each x vector along w
     feeds 16 accumulators (c), kept in a local buffer inside the reduction loops, initialised
@@ -170,6 +196,11 @@ CASES = {
     "matmul_transposed": (lambda a, b: relax.op.matmul(a, relax.op.permute_dims(b)),
                           (8, 64), (32, 64)),
     "avg_pool": (lambda x: relax.op.nn.avg_pool2d(x, 2, 2), (8, 16, 8, 8)),
+    "avg_pool_ceil_tiling": (lambda x: relax.op.nn.avg_pool2d(
+        x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 4, 4)),
+    "avg_pool_ceil_reads_padding": (lambda x: relax.op.nn.avg_pool2d(
+        x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 6, 6)),
+    "max_pool_padded": (lambda x: relax.op.nn.max_pool2d(x, 3, 2, padding=1), (8, 16, 8, 8)),
     "sum_hw": (lambda x: relax.op.sum(x, axis=[2, 3]), (8, 16, 8, 8)),
     "conv_bn_relu6": (lambda x, w, s: relax.op.clip(relax.op.multiply(
         relax.op.nn.conv2d(x, w, padding=1), s), 0, 6), (8, 16, 8, 8), (16, 16, 3, 3),
@@ -186,7 +217,8 @@ CASES = {
     "gf_grad_weight": (gf_grad_weight, (4, 32, 3, 5), (4, 24, 3, 5)),
 }
 #: The kernels whose reduction gets a register tile (the others have no axis to tile).
-TILED = set(CASES) - {"depthwise", "avg_pool", "sum_hw"}
+TILED = set(CASES) - {"depthwise", "avg_pool", "avg_pool_ceil_tiling",
+                      "avg_pool_ceil_reads_padding", "max_pool_padded", "sum_hw"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -217,6 +249,17 @@ def test_tuned_kernels_are_left_alone():
     mod[gvar] = func.with_attr(SCHEDULED_ATTR, True)
     with HOST:
         tvm.ir.assert_structural_equal(DefaultCPUSchedule()(mod)[gvar], mod[gvar])
+
+
+def test_pass_leaves_its_input_alone():
+    """The pass returns a new module: the caller's (here the naive kernels that the numbers are
+    checked against) keeps its kernels."""
+    mod = kernels(*CASES["conv3x3"][:1], *CASES["conv3x3"][1:])
+    naive = mod.clone()
+    with HOST:
+        scheduled = DefaultCPUSchedule()(mod)
+    tvm.ir.assert_structural_equal(mod, naive)
+    assert SCHEDULED_ATTR in only_kernel(scheduled).attrs
 
 
 def test_train_step_equals_naive_loops(mcunet_onnx, tmp_path):
