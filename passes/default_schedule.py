@@ -30,6 +30,11 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
 3. Other reduction blocks (pooling, sums, depthwise convs) are vectorized along a unit-stride
    axis, read off the flattened buffer indices:
 
+   - *window rows*: a pool whose windows tile the input's rows (stride = window width,
+     the gradient filter's pools) sums each window's rows into a row buffer on the thread's
+     stack with vectors contiguous over the input row (``rfactor`` of the window's width),
+     then adds the row's neighbours: without it, a vector over output pixels gathers every
+     2nd or 4th input element.
    - *spatial*: the output's contiguous row (its trailing axes, fused until a vector wide),
      when every input that it indexes reads it with one stride of at most 4 (strided convs
      and pooling read every 2nd or 4th element). It moves inside the reduction loops::
@@ -244,6 +249,10 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     if plan is not None:
         _register_tile(sch, block, spatial, reduce, plan, lanes)
         return
+    window = _window(stmt, spatial, reduce)
+    if window is not None:
+        _window_rows(sch, block, spatial, window, lanes)
+        return
     row = _output_row(stmt, spatial, lanes)
     inner = None if row else next(
         (a for a in reversed(reduce)
@@ -419,6 +428,55 @@ def _rfactor(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axi
     _vector_inside(sch, partial, loops[:len(spatial)], loops[len(spatial):-1], loops[-1],
                    factor, math.prod(a.extent for a in [*spatial, *reduce]), lanes)
     _parallelize(sch, [a.loop for a in spatial], math.prod(a.extent for a in spatial))
+
+
+def _window(block: s_tir.SBlock, spatial: list[_Axis], reduce: list[_Axis]) -> _Axis | None:
+    """For a pool whose windows tile its input's rows (one input, read at ``s q + rx`` along
+    the row with ``s`` the extent of reduction axis ``rx``, the output's contiguous axis ``q``
+    innermost, and other reduction axes to sum over), that ``rx``; else None."""
+    if len(block.reads) != 1 or len(reduce) < 2 or len(spatial) < 2:
+        return None
+    read, q = block.reads[0], spatial[-1]
+    if q.extent == 1 or _stride(block.writes[0], q.var) != 1:
+        return None
+    return next((rx for rx in reduce if rx.extent > 1 and _stride(read, rx.var) == 1
+                 and _stride(read, q.var) == rx.extent), None)
+
+
+def _window_rows(sch: s_tir.Schedule, block, spatial: list[_Axis], rx: _Axis,
+                 lanes: int) -> None:
+    """Sum each input row's windows in two steps: the other reduction axes first, with
+    contiguous vectors over the row (``rfactor`` of ``rx``: a row buffer), then the ``rx``
+    neighbours in that row::
+
+        for n, c (parallel):  for p:
+            row[0:W] = 0
+            for ry:  for w (vector):  row[w] += x[n, c, s p + ry, w]
+            for q, rx:  y[n, c, p, q] += row[s q + rx]
+    """
+    row = sch.rfactor(rx.loop, factor_axis=len(sch.get(block).writes[0].source.shape))
+    sch.set_scope(row, 0, "local")  # one row per thread, on its stack
+    sch.compute_at(row, spatial[-2].loop)
+    _parallelize(sch, [a.loop for a in spatial[:-2]],
+                 math.prod(a.extent for a in spatial) * rx.extent)
+    loops = _loops_by_iter(sch, row)
+    iters = sch.get(row).iter_vars
+    # rfactor's block iterates over (lane, the spatial axes, the other reduction axes)
+    lane, q = loops[iters[0].var], loops[iters[len(spatial)].var]
+    sums = [loops[iv.var] for iv in iters if iv.iter_type == tirx.IterVar.CommReduce]
+    sch.reorder(*sums, q, lane)
+    width = int(sch.get(q).extent) * rx.extent
+    _vectorize(sch, sch.fuse(q, lane), width, lanes)
+    sch.decompose_reduction(row, sums[0])
+
+
+def _loops_by_iter(sch: s_tir.Schedule, block) -> dict[tirx.Var, s_tir.schedule.LoopRV]:
+    """The block's loops that bind one of its iterators directly, by iterator."""
+    loops = sch.get_loops(block)
+    realize = sch.get(loops[-1]).body
+    by_var = {sch.get(loop).loop_var: loop for loop in loops}
+    return {iv.var: by_var[value] for iv, value in zip(sch.get(block).iter_vars,
+                                                      realize.iter_values) if value in by_var}
 
 
 def _inline(sch: s_tir.Schedule, block) -> bool:

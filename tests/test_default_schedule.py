@@ -135,6 +135,20 @@ def test_reduction_over_contiguous_axis_is_rfactored():
     assert "_rf" in scheduled.script() and "T.vectorized" in scheduled.script()
 
 
+def test_pool_windows_summed_row_by_row():
+    """A 2x2 stride-2 pool sums each window's rows first, in a row buffer on the thread's
+    stack, with vectors contiguous over the input row, then the row's neighbours."""
+    scheduled = schedule_kernel(only_kernel(kernels(
+        lambda x: relax.op.nn.avg_pool2d(x, 2, 2), (8, 16, 8, 32))), NEON)
+    sch = s_tir.Schedule(scheduled)
+    rows = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+            if sch.get(b).name_hint == "pool_sum_rf_update"]
+    assert len(rows) == 1 and sch.get(rows[0]).writes[0].source.scope() == "local"
+    kinds = [sch.get(loop).kind for loop in sch.get_loops(rows[0])]
+    assert kinds[0] == tirx.ForKind.PARALLEL and kinds[-1] == tirx.ForKind.VECTORIZED
+    assert int(sch.get(sch.get_loops(rows[0])[-1]).extent) == 4   # NEON: 4 lanes
+
+
 def reduction_vectorized(func: tirx.PrimFunc) -> bool:
     """Whether a block that reduces (the conv, matmul, pool or sum itself, or its rfactor
     partial sums) runs inside a vectorized loop."""
@@ -201,6 +215,7 @@ CASES = {
     "avg_pool_ceil_reads_padding": (lambda x: relax.op.nn.avg_pool2d(
         x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 6, 6)),
     "max_pool_padded": (lambda x: relax.op.nn.max_pool2d(x, 3, 2, padding=1), (8, 16, 8, 8)),
+    "max_pool_windows": (lambda x: relax.op.nn.max_pool2d(x, 2, 2), (8, 16, 8, 24)),
     "sum_hw": (lambda x: relax.op.sum(x, axis=[2, 3]), (8, 16, 8, 8)),
     "conv_bn_relu6": (lambda x, w, s: relax.op.clip(relax.op.multiply(
         relax.op.nn.conv2d(x, w, padding=1), s), 0, 6), (8, 16, 8, 8), (16, 16, 3, 3),
@@ -218,7 +233,8 @@ CASES = {
 }
 #: The kernels whose reduction gets a register tile (the others have no axis to tile).
 TILED = set(CASES) - {"depthwise", "avg_pool", "avg_pool_ceil_tiling",
-                      "avg_pool_ceil_reads_padding", "max_pool_padded", "sum_hw"}
+                      "avg_pool_ceil_reads_padding", "max_pool_padded", "max_pool_windows",
+                      "sum_hw"}
 
 
 @pytest.mark.parametrize("case", CASES)
