@@ -50,6 +50,8 @@ def _updated_input(binding: relax.Binding, donated: set[relax.Var]) -> relax.Var
 
 def _hoisted(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[relax.Var]
              ) -> list[relax.Binding]:
+    """``bindings`` with each update of a donated input moved up to just after its operands'
+    definitions and the other readers of the input and of its views."""
     order = list(bindings)
     for binding in bindings:
         target = _updated_input(binding, donated)
