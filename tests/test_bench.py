@@ -137,3 +137,17 @@ def test_forward_update_steps_every_trained_parameter_without_backward():
             assert torch.equal(param.grad, torch.ones_like(param))
         else:
             assert param.grad is None
+
+
+def test_fma_peak_kernel_does_every_multiply_add():
+    """The peak kernel's result is the NumPy chain of its multiply-adds (nothing skipped or
+    folded), and TVM counts 2 FLOPs per lane, vector, step and chunk in it."""
+    kernel = bench_cli.fma_peak_kernel(chunks=2, lanes=4, vectors=3, steps=5)
+    start = np.arange(24, dtype="float32").reshape(2, 12) / 24
+    a = tvm.runtime.tensor(start)
+    tvm.compile(tvm.IRModule({"main": kernel}), "llvm")["main"](a)
+    expected = start.copy()
+    for _ in range(5):
+        expected = expected * np.float32(0.999) + np.float32(0.001)
+    np.testing.assert_allclose(a.numpy(), expected, rtol=1e-6)
+    assert estimate_tir_flops(tvm.IRModule({"main": kernel})) == 2 * 2 * 4 * 3 * 5

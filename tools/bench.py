@@ -35,9 +35,9 @@
         gradient filtering, and the roofline floor of the filtered backward: the larger of
         its memory-traffic floor (its inputs gy, x_sum and W read, grad_x and grad_w written,
         at the copy bandwidth measured in the run; tensors that stay in cache between the
-        timed runs can beat it) and its compute floor (its FLOPs, filtered_backward_flops, at the rate of the
-        fastest large fp32 torch.matmul in the run: an achievable rate on this machine, not
-        the datasheet peak). bp/floor is the speedup over oneDNN's backward that the floor
+        timed runs can beat it) and its compute floor (its FLOPs, filtered_backward_flops, at
+        the fp32 peak measured in the run: fma_peak_rate, multiply-adds in registers only).
+        bp/floor is the speedup over oneDNN's backward that the floor
         allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
         machine can reach that goal
 """
@@ -423,20 +423,52 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src), 5) / 1e3)
 
 
-def matmul_flops_rate(runs: int = 5) -> float:
-    """FLOP/s of the fastest of a few large fp32 ``torch.matmul`` (oneDNN, this run's thread
-    count; after a warm-up, the fastest of ``runs`` per size): the rate reachable on this
-    machine, not the datasheet peak."""
-    import torch
+def fma_peak_kernel(chunks: int, lanes: int, vectors: int, steps: int):
+    """A PrimFunc doing only fp32 multiply-adds in registers: each of ``chunks`` parallel
+    iterations keeps ``vectors`` independent vectors of ``lanes`` accumulators and updates
+    each ``steps`` times (``acc = acc * 0.999 + 0.001``, one FMA), from and back to its row
+    of ``a``."""
+    from tvm.script import tirx as T
 
-    rates = []
-    for size in (1024, 2048):
-        a, b = torch.ones(size, size), torch.ones(size, size)
-        torch.matmul(a, b)
-        fastest_ms = min(median_ms(lambda: torch.matmul(a, b), 1, warmup=0)
-                         for _ in range(runs))
-        rates.append(2 * size ** 3 / (fastest_ms / 1e3))
-    return max(rates)
+    width = lanes * vectors
+
+    @T.prim_func(s_tir=True)
+    def main(a: T.Buffer((chunks, width), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for t in T.parallel(chunks):
+            acc = T.alloc_buffer((width,), "float32", scope="local")
+            for i in T.vectorized(width):
+                acc[i] = a[t, i]
+            for _ in range(steps):
+                for j in T.unroll(vectors):
+                    for v in T.vectorized(lanes):
+                        acc[j * lanes + v] = acc[j * lanes + v] * T.float32(0.999) \
+                            + T.float32(0.001)
+            for i in T.vectorized(width):
+                a[t, i] = acc[i]
+
+    return main
+
+
+def fma_peak_rate(threads: int, steps: int = 1 << 14) -> float:
+    """The host's fp32 FLOP/s peak on TVM's thread pool (``threads`` threads), measured:
+    :func:`fma_peak_kernel` compiled by TVM for the host target at LLVM's vector width, 24
+    vectors per chunk (enough independent FMAs to cover their latency), 8 chunks per thread
+    (with exactly one per thread, TVM's pool ran both on one core here after
+    ``torch.set_num_threads``), fastest of 5 runs."""
+    import numpy as np
+    import tvm
+
+    from gftvm import targets
+
+    target = targets.get("host").tvm_target()
+    lanes = max(4, tvm.target.codegen.llvm_get_vector_width(target) // 32)
+    chunks, vectors = 8 * threads, 24
+    library = tvm.compile(tvm.IRModule({"main": fma_peak_kernel(chunks, lanes, vectors, steps)}),
+                          target)
+    a = tvm.runtime.tensor(np.ones((chunks, lanes * vectors), "float32"))
+    seconds = library.mod.time_evaluator("main", tvm.cpu(), number=3, repeat=5)(a).min
+    return 2 * chunks * lanes * vectors * steps / seconds
 
 
 LAYER_COLUMNS = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms",
@@ -459,8 +491,8 @@ def bench_layers(args: argparse.Namespace) -> None:
 
     from gftvm.passes.gradient_filter import ConvGeometry
 
-    bandwidth, flops_rate = copy_bandwidth(), matmul_flops_rate()
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 matmul {flops_rate / 1e9:.1f} GFLOP/s")
+    bandwidth, flops_rate = copy_bandwidth(), fma_peak_rate(args.threads)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s")
     widths = [max(8, len(h)) for h in LAYER_COLUMNS]
     print(" ".join(f"{h:>{width}}" for h, width in zip(LAYER_COLUMNS, widths)))
     rows = []
@@ -493,7 +525,7 @@ def bench_layers(args: argparse.Namespace) -> None:
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         f.write(f"# {machine_description(args)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-                f"fp32 matmul {flops_rate / 1e9:.1f} GFLOP/s\n")
+                f"fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s\n")
         writer = csv.DictWriter(f, LAYER_COLUMNS)
         writer.writeheader()
         writer.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
