@@ -82,13 +82,21 @@ def momentum_sgd(model):
     return optimizer
 
 
-def torch_step(variant: dict) -> Callable[[], object]:
-    """PyTorch eager: cross-entropy, backward, SGD with momentum 0.9 (lr 1e-3)."""
+def torch_training(variant: dict):
+    """The variant's model (:func:`torch_model`), its batch as tensors and
+    :func:`momentum_sgd` on its trained parameters."""
     import torch
 
     model = torch_model(variant)
     images, labels = (torch.from_numpy(a) for a in inputs(variant))
-    optimizer = momentum_sgd(model)
+    return model, images, labels, momentum_sgd(model)
+
+
+def torch_step(variant: dict) -> Callable[[], object]:
+    """PyTorch eager: cross-entropy, backward, SGD with momentum 0.9 (lr 1e-3)."""
+    import torch
+
+    model, images, labels, optimizer = torch_training(variant)
 
     def step() -> None:
         loss = torch.nn.functional.cross_entropy(model(images), labels)
@@ -122,9 +130,7 @@ def torch_forward_update_step(variant: dict) -> Callable[[], object]:
     """:func:`torch_step` without its backward (:func:`forward_update`), gradients of ones."""
     import torch
 
-    model = torch_model(variant)
-    images, labels = (torch.from_numpy(a) for a in inputs(variant))
-    optimizer = momentum_sgd(model)
+    model, images, labels, optimizer = torch_training(variant)
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = torch.ones_like(param)
