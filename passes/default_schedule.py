@@ -22,7 +22,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
            y[n, 16 c_o + c_i, h, 4 w_o + w_i] = relu(acc[c_i, w_i] + b[...])   # epilogue fused
 
    The vector is the widest such axis, preferring the output's contiguous one; on small maps
-   it is the output channel (the weight copied with it last) and the tile runs over pixels.
+   it is the output channel (the weight copied with it last, in vector-wide blocks that go
+   first, so each vector's walk over the reduction reads contiguous memory) and the tile
+   runs over pixels.
    Elementwise consumers that cover the whole output are inlined into the write-back. Where
    the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
    reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
@@ -179,10 +181,13 @@ def _relayout_for_row(sch: s_tir.Schedule, block, spatial: list[_Axis], lanes: i
     return []
 
 
-def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes: int) -> None:
+def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes: int,
+                   block_by: int | None = None) -> None:
     """Copy the block's read ``index`` into a buffer indexed by the block iterators that it
     uses, in the read's memory order but ``last`` last (``reindex_cache_read``); the copy is
-    vectorized and parallel."""
+    vectorized and parallel. With ``block_by``, ``last`` is split into blocks of that many
+    that go first (``[c // 16, ..., c % 16]``), so one vector's walk over the other axes reads
+    contiguous memory."""
     stmt = sch.get(block)
     iters = [iv.var for iv in stmt.iter_vars]
     strides = [_stride(stmt.reads[index], v) for v in iters]
@@ -195,6 +200,9 @@ def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes
     axes = [axes[sorted(positions).index(k)] for k in positions]
     sch.reorder(*[a.loop for a in axes])
     _elementwise(sch, axes, lanes)
+    if block_by is not None and axes[-1].extent > block_by:
+        sch.transform_layout(cache, ("write", 0),
+                             lambda *i: [i[-1] // block_by, *i[:-1], i[-1] % block_by])
 
 
 def _picking(positions: list[int], ndim: int) -> tirx.IndexMap:
@@ -328,7 +336,7 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     contiguous = _stride(stmt.writes[0], plan.vector.var) == 1
     split = _reduction_block(stmt, reduce, plan) if contiguous else None
     for index in plan.relayout:
-        _relayout_read(sch, block, index, plan.vector.var, lanes)
+        _relayout_read(sch, block, index, plan.vector.var, lanes, plan.factor)
     if split is None:
         accumulators = _accumulators(sch, block, plan.vector.var, contiguous)
     inner_of = {plan.vector: plan.factor, **dict(plan.tiles)}
