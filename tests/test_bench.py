@@ -87,9 +87,9 @@ def _loops(func: tvm.tirx.PrimFunc, block: str) -> list[tvm.tirx.For]:
 ], ids=["R2", "R2-partial", "R4", "stride2-groups2"])
 def test_filtered_backward_costs_match_the_compiled_function(layer):
     """The hand counts from shapes vs the lowered filtered backward: bytes vs its signature,
-    FLOPs vs TVM's estimate of its kernels. The estimate of the average pool also counts the integer arithmetic of its
-    divisor (count_include_pad=False), so there its sum is compared, and one divide per
-    pooled value."""
+    FLOPs vs TVM's estimate of its kernels. The estimate of the average pool also counts the
+    integer arithmetic of its divisor (count_include_pad=False), so there its sum is compared,
+    and one divide per pooled value."""
     counted = bench_cli.filtered_backward_flops(layer)
     lowered = tuning.lower(bench_cli.filtered_backward_module(layer),
                            targets.get("host").tvm_target())

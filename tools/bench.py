@@ -492,7 +492,8 @@ def bench_layers(args: argparse.Namespace) -> None:
     from gftvm.passes.gradient_filter import ConvGeometry
 
     bandwidth, flops_rate = copy_bandwidth(), fma_peak_rate(args.threads)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s")
     widths = [max(8, len(h)) for h in LAYER_COLUMNS]
     print(" ".join(f"{h:>{width}}" for h, width in zip(LAYER_COLUMNS, widths)))
     rows = []
