@@ -608,10 +608,14 @@ def _vector_inside(sch: s_tir.Schedule, block, outer: list, reduce: list, vector
     sch.decompose_reduction(block, reduce[0])
 
 
+def vector_lanes(target: tvm.target.Target) -> int:
+    """float32 lanes of ``target``'s vectors, from LLVM (16 on AVX-512, 4 on NEON)."""
+    return max(4, tvm.target.codegen.llvm_get_vector_width(target) // 32)
+
+
 def schedule_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """``func`` with the default CPU schedule for ``target`` (vector width from LLVM)."""
-    lanes = max(4, tvm.target.codegen.llvm_get_vector_width(target) // 32)
-    return _Scheduler(func, lanes).run()
+    """``func`` with the default CPU schedule for ``target``."""
+    return _Scheduler(func, vector_lanes(target)).run()
 
 
 @tvm.transform.module_pass(opt_level=0, name="DefaultCPUSchedule")

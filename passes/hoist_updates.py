@@ -52,6 +52,9 @@ def _hoisted(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[rela
              ) -> list[relax.Binding]:
     """``bindings`` with each update of a donated input moved up to just after its operands'
     definitions and the other readers of the input and of its views."""
+    roots = _view_roots(mod, bindings, donated)
+    reads = {b.var: set().union(*(roots.get(v, set()) for v in relax.analysis.free_vars(b.value)))
+             for b in bindings}
     order = list(bindings)
     for binding in bindings:
         target = _updated_input(binding, donated)
@@ -59,10 +62,8 @@ def _hoisted(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[rela
             continue
         here = order.index(binding)
         defined = {b.var: i for i, b in enumerate(order)}
-        roots = _view_roots(mod, order, {target})
         after = [defined[v] for v in relax.analysis.free_vars(binding.value) if v in defined]
-        after += [i for i, b in enumerate(order) if i != here
-                  and any(target in roots.get(v, ()) for v in relax.analysis.free_vars(b.value))]
+        after += [i for i, b in enumerate(order) if i != here and target in reads[b.var]]
         earliest = max(after, default=-1) + 1
         if earliest < here:
             order.insert(earliest, order.pop(here))

@@ -460,9 +460,10 @@ def fma_peak_rate(threads: int, steps: int = 1 << 14) -> float:
     import tvm
 
     from gftvm import targets
+    from gftvm.passes.default_schedule import vector_lanes
 
     target = targets.get("host").tvm_target()
-    lanes = max(4, tvm.target.codegen.llvm_get_vector_width(target) // 32)
+    lanes = vector_lanes(target)
     chunks, vectors = 8 * threads, 24
     library = tvm.compile(tvm.IRModule({"main": fma_peak_kernel(chunks, lanes, vectors, steps)}),
                           target)
