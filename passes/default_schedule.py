@@ -44,15 +44,21 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
          for n, c, h (parallel):  for rc, ry, rx:  for w (vector):
              y[n, c, h, w] += x[n, rc, h + ry, w + rx] * k[c, rc, ry, rx]
 
+   - *window sums*: a sum of one input over contiguous windows (the taps of a weight, for the
+     gradient filter's low-resolution kernel) vectorizes the output's contiguous axis inside
+     the reduction: the lanes gather one window apart, and the window loops use every loaded
+     cache line (a relayout copy would move the weight twice).
    - *rfactor*: otherwise a reduction axis contiguous in every input it indexes (the weight
      gradient's W, a sum over H·W, a conv on 1×1 maps). It is split by the vector width and
      ``rfactor``-ed, so partial sums accumulate in vector lanes, then are added up.
    - *relayout*: otherwise, when the output's contiguous axis is strided in one input (a conv
      on 1×1 maps reads ``k[c, rc, ry, rx]`` along output channels ``c``), that input is first
      copied with the axis last (``reindex_cache_read``), then vectorized as *spatial*.
-
-4. Spatial blocks are vectorized along their innermost row (trailing axes, fused until a
-   vector wide).
+4. Spatial blocks (:func:`_injective`) first split iterators that an index divides
+   (upsampling's ``h // 2``, reshapes) so that every index is affine, then are vectorized
+   along their innermost row (trailing axes, fused until a vector wide), or else along an
+   axis with known strides that an input reads or the output writes contiguously (a weight
+   gradient broadcast to every tap); lane-wise index division costs more than gathers.
 5. The outer spatial loops of a block run in parallel when it has enough work.
 
 Each step is a TIR schedule primitive, so results equal the unscheduled kernel's, up to float
@@ -92,11 +98,15 @@ SPLIT_PARALLEL_CHUNKS = 4
 
 def _stride(region: tvm.ir.TensorRegion, var: tirx.Var) -> int | None:
     """Elements between neighbouring values of ``var`` in the flattened access, or None."""
-    shape = [int(d) for d in region.source.shape]
-    flat = sum((r.min * math.prod(shape[d + 1:]) for d, r in enumerate(region.region)),
-               tirx.const(0, "int64"))
-    coeffs = detect_linear_equation(flat, [var])
+    coeffs = detect_linear_equation(_flat(region), [var])
     return int(coeffs[0]) if len(coeffs) == 2 and isinstance(coeffs[0], tirx.IntImm) else None
+
+
+def _flat(region: tvm.ir.TensorRegion) -> tirx.Expr:
+    """The flattened index of the region's first element."""
+    shape = [int(d) for d in region.source.shape]
+    return sum((r.min * math.prod(shape[d + 1:]) for d, r in enumerate(region.region)),
+               tirx.const(0, "int64"))
 
 
 def _read_strides(reads, var: tirx.Var) -> set[int | None]:
@@ -250,7 +260,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     reduce = [a for a in axes if a.reduce]
     work = math.prod(a.extent for a in axes)
     if not reduce:
-        _elementwise(sch, spatial, lanes)
+        _injective(sch, block, lanes)
         return
     stmt = sch.get(block)
     plan = _tile_plan(stmt, spatial, lanes)
@@ -261,7 +271,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     if window is not None:
         _window_rows(sch, block, spatial, window, lanes)
         return
-    row = _output_row(stmt, spatial, lanes)
+    row = _output_row(stmt, spatial, lanes) or _window_sums(stmt, spatial, reduce, lanes)
     inner = None if row else next(
         (a for a in reversed(reduce)
          if _vector_factor(a.extent, lanes) and _read_strides(stmt.reads, a.var) == {1}), None)
@@ -276,6 +286,19 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         _rfactor(sch, block, spatial, reduce, inner, lanes)
     else:
         _parallelize(sch, [a.loop for a in spatial], work)
+
+
+def _window_sums(block: s_tir.SBlock, spatial: list[_Axis], reduce: list[_Axis],
+                 lanes: int) -> list[_Axis]:
+    """For a sum of one input over windows that are contiguous in it (a weight's taps), the
+    output's contiguous axis if a vector divides it and the input steps along it by exactly one
+    window: the lanes gather, but the reduction loops use every element of the lines loaded."""
+    axis = next((a for a in reversed(spatial) if a.extent > 1), None)
+    if axis is None or len(block.reads) != 1 or axis.extent % lanes:
+        return []
+    window = math.prod(a.extent for a in reduce)
+    contiguous = _stride(block.writes[0], axis.var) == 1
+    return [axis] if contiguous and _stride(block.reads[0], axis.var) == window else []
 
 
 @dataclass(eq=False)
@@ -596,6 +619,109 @@ def _elementwise(sch: s_tir.Schedule, spatial: list[_Axis], lanes: int) -> None:
     elif factor is not None:
         sch.vectorize(inner)
     _parallelize(sch, loops, math.prod(a.extent for a in spatial))
+
+
+def _injective(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Schedule a block without reduction (elementwise, broadcast, transpose, upsampling):
+
+    1. Iterators that a read indexes through ``v // d`` or ``v % d`` (upsampling by ``d``,
+       reshapes) are split by ``d``, so that every index is affine in the new iterators.
+    2. The vector is the output's row (:func:`_output_row`) if a vector divides it; else a
+       full vector of an axis with known strides (:func:`_strided_vector`: a weight gradient
+       broadcast over the taps reads ``gw[o, i]`` along ``i`` and writes ``w[o, i, ky, kx]``
+       9 apart); else none. Fusing loops into a vector where an index divides costs more in
+       lane-wise division than the gathers and scatters of a strided vector.
+    3. The outer loops run in parallel; without a vector, an innermost loop of at most 4
+       (an upsampling's copies) is unrolled.
+    """
+    _split_divided(sch, block)
+    axes = _axes(sch, block)
+    stmt = _simplified(sch.get(block))
+    work = math.prod(a.extent for a in axes)
+    row = _output_row(stmt, axes, lanes)
+    if row and _vector_factor(math.prod(a.extent for a in row), lanes):
+        loops = [a.loop for a in axes[:-len(row)]]
+        vector = sch.fuse(*[a.loop for a in row]) if len(row) > 1 else row[0].loop
+        _vectorize(sch, vector, math.prod(a.extent for a in row), lanes)
+    elif (axis := _strided_vector(stmt, axes, lanes)) is not None:
+        # The axes inside it stay inside the vector's outer loop: their accesses fill the
+        # cache lines that the vector's lanes touch.
+        k = axes.index(axis)
+        head, vector = sch.split(axis.loop, [None, lanes])
+        loops = [*[a.loop for a in axes[:k]], head, *[a.loop for a in axes[k + 1:]]]
+        sch.reorder(*loops, vector)
+        sch.vectorize(vector)
+    else:
+        loops = [a.loop for a in axes]
+        if axes[-1].extent <= 4:
+            sch.unroll(axes[-1].loop)
+    _parallelize(sch, loops, work)
+
+
+def _split_divided(sch: s_tir.Schedule, block) -> None:
+    """Split iterators that a read indexes non-affinely (``v // d``, ``v % d``: upsampling,
+    reshapes) into ``(v // d, v % d)`` (``transform_block_layout``), the inner part affine in
+    every read, until all are affine or no split makes them so."""
+    while (split := _divisor(sch.get(block))) is not None:
+        k, d = split
+        sch.transform_block_layout(block, tirx.IndexMap.from_func(
+            lambda *vs: [*vs[:k], vs[k] // d, vs[k] % d, *vs[k + 1:]],
+            ndim=len(sch.get(block).iter_vars)))
+
+
+def _divisor(block: s_tir.SBlock) -> tuple[int, int] | None:
+    """The first iterator ``k`` that a read indexes non-affinely and the least ``d`` dividing
+    its extent such that, with ``v = d * vo + vi``, every read is affine in ``vi``."""
+    reads = _simplified(block).reads
+    for k, iv in enumerate(block.iter_vars):
+        var, extent = iv.var, int(iv.dom.extent)
+        if all(_stride(r, var) is not None for r in reads):
+            continue
+        for d in (d for d in range(2, extent) if extent % d == 0):
+            analyzer = tvm.sym.Analyzer()
+            for other in block.iter_vars:
+                if not other.var.same_as(var):
+                    analyzer.bind(other.var, other.dom)
+            outer, inner = tirx.Var("vo", var.ty), tirx.Var("vi", var.ty)
+            analyzer.bind(outer, tvm.ir.Range(0, extent // d))
+            analyzer.bind(inner, tvm.ir.Range(0, d))
+            analyzer.bind(var, outer * d + inner)
+            if all(len(detect_linear_equation(analyzer.simplify(_flat(r)), [inner])) == 2
+                   for r in reads):
+                return k, d
+    return None
+
+
+def _simplified(block: s_tir.SBlock) -> s_tir.SBlock:
+    """The block with its access regions simplified under its iterators' domains (so that
+    ``(2 h + dy) // 2`` reads as ``h``), for the stride analysis."""
+    analyzer = tvm.sym.Analyzer()
+    for iv in block.iter_vars:
+        analyzer.bind(iv.var, iv.dom)
+
+    def simplify(region: tvm.ir.TensorRegion) -> tvm.ir.TensorRegion:
+        return tvm.ir.TensorRegion(region.source, [
+            tvm.ir.Range.from_min_extent(analyzer.simplify(r.min), r.extent)
+            for r in region.region], region.ty)
+
+    return s_tir.SBlock(block.iter_vars, [simplify(r) for r in block.reads],
+                        [simplify(w) for w in block.writes], block.name_hint, block.body)
+
+
+def _strided_vector(block: s_tir.SBlock, axes: list[_Axis], lanes: int) -> _Axis | None:
+    """Where the output has no row, an axis that a full vector divides and every access steps
+    through with a known stride: preferably one that an input reads contiguously (the stores
+    scatter), else one that the output writes contiguously (the loads gather), else one that
+    no access strides by more than a vector (both, within a few cache lines)."""
+    def strides(axis: _Axis) -> list[int | None]:
+        return [_stride(r, axis.var) for r in [*block.writes, *block.reads]]
+
+    candidates = [a for a in reversed(axes) if a.extent % lanes == 0 and None not in strides(a)]
+    for fits in (lambda s: 1 in s[1:], lambda s: s[0] == 1, lambda s: max(s) <= lanes):
+        axis = next((a for a in candidates if fits(strides(a))), None)
+        if axis is not None:
+            return axis
+    return None
 
 
 def _vector_inside(sch: s_tir.Schedule, block, outer: list, reduce: list, vector,

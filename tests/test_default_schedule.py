@@ -161,6 +161,69 @@ def test_pool_windows_summed_row_by_row():
     assert int(sch.get(sch.get_loops(rows[0])[-1]).extent) == 4   # NEON: 4 lanes
 
 
+def upsample(low, factor: int = 2):
+    """The gradient filter's upsampling (passes/gradient_filter.py): each value copied to a
+    factor x factor block, as a reshape and broadcast."""
+    n, c, h, w = (int(d) for d in low.ty.shape)
+    tiles = relax.op.broadcast_to(relax.op.reshape(low, (n, c, h, 1, w, 1)),
+                                  (n, c, h, factor, w, factor))
+    return relax.op.reshape(tiles, (n, c, h * factor, w * factor))
+
+
+def taps_broadcast(gw):
+    """A weight gradient copied to every tap of a 3x3 kernel, as the filter writes it."""
+    co, ci = (int(d) for d in gw.ty.shape)
+    return relax.op.broadcast_to(relax.op.reshape(gw, (co, ci, 1, 1)), (co, ci, 3, 3))
+
+
+def test_upsampling_split_into_affine_loops():
+    """y[n, c, h, w] = x[n, c, h // 2, w // 2]: h and w are split by 2 (h = 2 ho + dy), so no
+    index divides; no axis has a full vector of known strides, so the copies stay scalar, the
+    innermost unrolled."""
+    before = only_kernel(kernels(upsample, (2, 8, 3, 3)))
+    sch = s_tir.Schedule(before)
+    for name in ("T_reshape", "T_broadcast_to"):
+        sch.compute_inline(sch.get_sblock(name))
+    block = sch.get_sblock("T_reshape1")
+    split_h = lambda n, c, h, w: [n, c, h // 2, h % 2, w]
+    split_w = lambda n, c, ho, dy, w: [n, c, ho, dy, w // 2, w % 2]
+    for split in (split_h, split_w):
+        sch.transform_block_layout(block, split)
+    sch.unroll(sch.get_loops(block)[-1])
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
+def test_broadcast_to_taps_vectorized_along_the_read():
+    """w[o, i, ky, kx] = gw[o, i]: the vector runs along i (contiguous in gw, stores 9 apart)
+    with the taps inside its outer loop, not along the fused (i, ky, kx) with i = f // 9."""
+    before = only_kernel(kernels(taps_broadcast, (8, 16)))
+    sch = s_tir.Schedule(before)
+    sch.compute_inline(sch.get_sblock("T_reshape"))
+    block = sch.get_sblock("T_broadcast_to")
+    o, i, ky, kx = sch.get_loops(block)
+    head, lane = sch.split(i, [None, 4])
+    sch.reorder(o, head, ky, kx, lane)
+    sch.vectorize(lane)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
+def test_tap_sum_vectorized_across_windows():
+    """s[o, i] = sum over taps of w[o, i, ky, kx]: vector along i inside the tap loops (lanes
+    one window apart), no relayout copy of the weight."""
+    before = only_kernel(kernels(lambda w: relax.op.sum(w, axis=[2, 3], keepdims=True),
+                                 (8, 16, 3, 3)))
+    sch = s_tir.Schedule(before)
+    block = sch.get_child_blocks(sch.get_sblock("root"))[0]
+    o, i, a2, a3, ky, kx = sch.get_loops(block)
+    sch.reorder(o, a2, a3, ky, kx, i)
+    sch.vectorize(sch.split(i, [None, 4])[1])
+    sch.decompose_reduction(block, ky)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
 def reduction_vectorized(func: tirx.PrimFunc) -> bool:
     """Whether a block that reduces (the conv, matmul, pool or sum itself, or its rfactor
     partial sums) runs inside a vectorized loop."""
@@ -242,11 +305,12 @@ CASES = {
     "matmul_split_reduction": (lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)),
     "batch_matmul": (lambda a, b: relax.op.matmul(a, b), (2, 16, 32), (2, 32, 24)),
     "gf_grad_weight": (gf_grad_weight, (4, 32, 3, 5), (4, 24, 3, 5)),
+    "tap_sum": (lambda w: relax.op.sum(w, axis=[2, 3], keepdims=True), (64, 32, 3, 3)),
 }
 #: The kernels whose reduction gets a register tile (the others have no axis to tile).
 TILED = set(CASES) - {"depthwise", "avg_pool", "avg_pool_ceil_tiling",
                       "avg_pool_ceil_reads_padding", "max_pool_padded", "max_pool_windows",
-                      "sum_hw"}
+                      "sum_hw", "tap_sum"}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -269,6 +333,42 @@ def test_scheduled_kernels_compute_the_same(case):
         vm = relax.VirtualMachine(tvm.compile(module, target=HOST), tvm.cpu())
         results.append(vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy())
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+#: Kernels without reduction whose indices divide (upsampling, reshapes, the filter's
+#: broadcast to every tap) or stride; results must equal the naive loops' (up to the
+#: rounding of a multiply-add that LLVM contracts into one FMA).
+INJECTIVE = {
+    "upsample_7x7": (upsample, (4, 32, 7, 7)),
+    "upsample_4x4_cropped_add_relu_grad": (lambda low, g, y: relax.op.where(
+        relax.op.less(y, relax.const(0.0)), relax.const(0.0),
+        relax.op.add(g, relax.op.strided_slice(upsample(low, 4), [2, 3], [0, 0], [14, 14]))),
+        (4, 32, 4, 4), (4, 32, 14, 14), (4, 32, 14, 14)),
+    "taps_broadcast_update": (lambda gw, m: relax.op.add(
+        relax.op.multiply(m, relax.const(0.9)), taps_broadcast(gw)), (64, 32), (64, 32, 3, 3)),
+    "live_taps_flattened": (lambda w: relax.op.reshape(relax.op.strided_slice(
+        w, [2, 3], [1, 1], [3, 3]), (64, 128, 1, 1)), (64, 32, 3, 3)),
+    "batch_to_rows": (lambda x: relax.op.permute_dims(relax.op.reshape(
+        relax.op.permute_dims(x, [1, 0, 2, 3]), (1, 32, 196)), [0, 2, 1]), (4, 32, 7, 7)),
+    "bias_add_7x7": (lambda x, b: relax.op.add(x, b), (4, 32, 7, 7), (1, 32, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", INJECTIVE)
+def test_injective_kernels_compute_the_same(case):
+    build, *shapes = INJECTIVE[case]
+    mod = kernels(build, *shapes)
+    with HOST:
+        scheduled = DefaultCPUSchedule()(mod)
+    assert all(writes_in_bounds(f) for f in scheduled.functions.values()
+               if isinstance(f, tirx.PrimFunc))
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
+    results = []
+    for module in (mod, scheduled):
+        vm = relax.VirtualMachine(tvm.compile(module, target=HOST), tvm.cpu())
+        results.append(vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-6)
 
 
 def test_tuned_kernels_are_left_alone():
