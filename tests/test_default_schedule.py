@@ -268,6 +268,20 @@ def gf_grad_weight(g, x):
     return relax.op.matmul(flat(g), relax.op.permute_dims(flat(x), [0, 2, 1]))
 
 
+def naive_and_scheduled(build, *shapes) -> tuple[list[tirx.PrimFunc], np.ndarray, np.ndarray]:
+    """The default-scheduled kernels of ``build`` and its results on random inputs, with TVM's
+    naive loops and with those kernels."""
+    mod = kernels(build, *shapes)
+    with HOST:
+        scheduled = DefaultCPUSchedule()(mod)
+    rng = np.random.default_rng(0)
+    inputs = [tvm.runtime.tensor(rng.standard_normal(s).astype("float32")) for s in shapes]
+    results = [relax.VirtualMachine(tvm.compile(module, target=HOST), tvm.cpu())["main"](
+        *inputs).numpy() for module in (mod, scheduled)]
+    funcs = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    return funcs, *results
+
+
 CASES = {
     "conv3x3": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1), (8, 16, 8, 8), (16, 16, 3, 3)),
     "conv_stride2": (lambda x, w: relax.op.nn.conv2d(x, w, strides=2, padding=1),
@@ -315,24 +329,13 @@ TILED = set(CASES) - {"depthwise", "avg_pool", "avg_pool_ceil_tiling",
 
 @pytest.mark.parametrize("case", CASES)
 def test_scheduled_kernels_compute_the_same(case):
-    build, *shapes = CASES[case]
-    mod = kernels(build, *shapes)
-    with HOST:
-        scheduled = DefaultCPUSchedule()(mod)
-    assert all(f.attrs[SCHEDULED_ATTR] for f in scheduled.functions.values()
-               if isinstance(f, tirx.PrimFunc))
-    funcs = [f for f in scheduled.functions.values() if isinstance(f, tirx.PrimFunc)]
+    funcs, naive, scheduled = naive_and_scheduled(*CASES[case])
+    assert all(f.attrs[SCHEDULED_ATTR] for f in funcs)
     assert any(reduction_vectorized(f) for f in funcs), \
         "the rules no longer vectorize the reduction"
     assert any(register_tiled(f) for f in funcs) == (case in TILED)
     assert all(writes_in_bounds(f) for f in funcs)
-    rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
-    results = []
-    for module in (mod, scheduled):
-        vm = relax.VirtualMachine(tvm.compile(module, target=HOST), tvm.cpu())
-        results.append(vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy())
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scheduled, naive, rtol=1e-5, atol=1e-5)
 
 
 #: Kernels without reduction whose indices divide (upsampling, reshapes, the filter's
@@ -356,19 +359,9 @@ INJECTIVE = {
 
 @pytest.mark.parametrize("case", INJECTIVE)
 def test_injective_kernels_compute_the_same(case):
-    build, *shapes = INJECTIVE[case]
-    mod = kernels(build, *shapes)
-    with HOST:
-        scheduled = DefaultCPUSchedule()(mod)
-    assert all(writes_in_bounds(f) for f in scheduled.functions.values()
-               if isinstance(f, tirx.PrimFunc))
-    rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal(s).astype("float32") for s in shapes]
-    results = []
-    for module in (mod, scheduled):
-        vm = relax.VirtualMachine(tvm.compile(module, target=HOST), tvm.cpu())
-        results.append(vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy())
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-6, atol=1e-6)
+    funcs, naive, scheduled = naive_and_scheduled(*INJECTIVE[case])
+    assert all(writes_in_bounds(f) for f in funcs)
+    np.testing.assert_allclose(scheduled, naive, rtol=1e-6, atol=1e-6)
 
 
 def test_tuned_kernels_are_left_alone():
