@@ -23,8 +23,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
 
    The vector is the widest such axis, preferring the output's contiguous one; on small maps
    it is the output channel (the weight copied with it last, in vector-wide blocks that go
-   first, so each vector's walk over the reduction reads contiguous memory) and the tile
-   runs over pixels.
+   first, so each vector's walk over the reduction reads contiguous memory; the copy gathers
+   a vector at a few consecutive weight positions in turn, so the rows it reads stay in
+   cache) and the tile runs over pixels.
    Elementwise consumers that cover the whole output are inlined into the write-back. Where
    the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
    reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
@@ -199,10 +200,32 @@ def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes
     axes = _axes(sch, cache)
     axes = [axes[sorted(positions).index(k)] for k in positions]
     sch.reorder(*[a.loop for a in axes])
-    _elementwise(sch, axes, lanes)
+    if block_by is None:
+        _elementwise(sch, axes, lanes)
+    else:
+        _transposing_copy(sch, axes, block_by, lanes)
     if block_by is not None and axes[-1].extent > block_by:
         sch.transform_layout(cache, ("write", 0),
                              lambda *i: [i[-1] // block_by, *i[:-1], i[-1] % block_by])
+
+
+def _transposing_copy(sch: s_tir.Schedule, axes: list[_Axis], block_by: int, lanes: int) -> None:
+    """Schedule a copy that reads along its leading ``axes`` (fused) and writes along the last
+    one in blocks of ``block_by``, tile by tile: a vector of the last axis is gathered at each of
+    a few consecutive (unrolled) read positions, so that the rows a tile reads stay in L1 until
+    it has used all of them (a plain loop order gathers each vector from cold rows)."""
+    *used, last = axes
+    read = sch.fuse(*[a.loop for a in used]) if len(used) > 1 else used[0].loop
+    extent = math.prod(a.extent for a in used)
+    factor = _vector_factor(block_by, lanes) or 1
+    blocks, vectors, lane = sch.split(last.loop, [None, block_by // factor, factor])
+    tile = max(d for d in range(1, lanes + 1) if extent % d == 0)
+    read_outer, read_inner = sch.split(read, [None, tile])
+    sch.reorder(blocks, read_outer, vectors, read_inner, lane)
+    sch.unroll(read_inner)
+    if factor > 1:
+        sch.vectorize(lane)
+    _parallelize(sch, [blocks, read_outer], extent * last.extent)
 
 
 def _picking(positions: list[int], ndim: int) -> tirx.IndexMap:

@@ -138,13 +138,19 @@ def test_reduction_over_contiguous_axis_is_rfactored():
 def test_small_map_weight_copied_in_vector_blocks():
     """On a 1x1 map the tile's vector runs over output channels: the weight k[c, rc, ry, rx]
     is first copied with c split into vector-wide blocks that go first, k'[c // 4, rc, ry, rx,
-    c % 4], so each vector's walk over (rc, ry, rx) reads contiguous memory."""
+    c % 4], so each vector's walk over (rc, ry, rx) reads contiguous memory. The copy gathers
+    each vector of c at a few consecutive (unrolled) positions of (rc, ry, rx) in turn, so
+    the weight rows it reads stay in cache."""
     scheduled = schedule_kernel(only_kernel(kernels(*CASES["conv_on_1x1_map"][:1],
                                                     *CASES["conv_on_1x1_map"][1:])), NEON)
     sch = s_tir.Schedule(scheduled)
-    copies = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))
+    copies = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
               if sch.get(b).name_hint.endswith("_global")]
-    assert [[int(d) for d in c.writes[0].source.shape] for c in copies] == [[16, 64, 3, 3, 4]]
+    assert [[int(d) for d in sch.get(c).writes[0].source.shape] for c in copies] == \
+        [[16, 64, 3, 3, 4]]
+    *_, read, lane = [sch.get(loop) for loop in sch.get_loops(copies[0])]
+    assert (read.kind, int(read.extent)) == (tirx.ForKind.UNROLLED, 4)
+    assert (lane.kind, int(lane.extent)) == (tirx.ForKind.VECTORIZED, 4)
 
 
 def test_pool_windows_summed_row_by_row():
