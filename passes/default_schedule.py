@@ -28,8 +28,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
    stay in cache) and the tile runs over pixels. The tile is ``V`` vectors of that axis
    (unrolled; ``V = 1`` above) times ``P`` points, ``V P <= TILE_ACCUMULATORS``, extents that
    divide the axes: the shape with the fewest loads per FMA, ``(2 V + P) / (V P)`` (a vector
-   load counts as two broadcasts), more than one vector only while their walk over the
-   reduction stays within ``TILE_SLAB_ELEMENTS`` (the tiles after it reread it from cache).
+   load counts as two broadcasts), more than one vector only where their walk over the
+   reduction is at least ``TILE_VECTORS_MIN_WALK`` long and stays within
+   ``TILE_SLAB_ELEMENTS`` (the tiles after it reread it from cache).
    The gradient filter's 1x1 conv_transpose on a 7x7 map gets 2 vectors of output channels
    times the 7 pixels of a row (14 accumulators, not 7); a 3x3 conv with 512 channels keeps
    1 vector (one vector's walk over the weight takes 295 KiB).
@@ -96,6 +97,9 @@ VECTOR_LOAD_COST = 2
 #: The most elements of the loaded inputs that a tile of several vectors walks over the
 #: reduction (256 KiB of float32, a quarter of L2): the tiles after it reread them from cache.
 TILE_SLAB_ELEMENTS = 1 << 16
+#: The shortest walk over the reduction for a tile of several vectors (shorter ones spend
+#: their time initialising and writing back the tile: weight gradients of 1x1 maps).
+TILE_VECTORS_MIN_WALK = 64
 #: Inputs of at most this many elements (1 MiB of float32, a core's L2) are reread from cache.
 CACHED_ELEMENTS = 1 << 18
 #: Input elements one register tile streams per block of a split reduction (64 KiB of float32).
@@ -347,32 +351,33 @@ def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePl
         loaded = [region for region, stride in zip(block.reads, strides) if stride]
         free = [axis for axis in reversed(spatial) if axis is not vector and axis.extent > 1
                 and all(_stride(region, axis.var) == 0 for region in loaded)]
+        # Several vectors where the tile's walk over the reduction is long enough for its
+        # loads to matter and short enough to stay in cache for the tiles after it.
         walk = max((math.prod(int(iv.dom.extent) for iv in reduce
                               if _stride(region, iv.var) != 0) for region in loaded), default=0)
-        shape = _tile_shape(vector.extent // factor, free, factor * walk)
+        most = 1 if walk < TILE_VECTORS_MIN_WALK else \
+            max(1, TILE_SLAB_ELEMENTS // (factor * walk))
+        shape = _tile_shape(vector.extent // factor, most, free)
         if shape is not None:
             best = _TilePlan(vector, factor, *shape,
                              [i for i, stride in enumerate(strides) if stride not in (0, 1)])
     return best
 
 
-def _tile_shape(vectors: int, free: list[_Axis], slab: int
+def _tile_shape(vectors: int, most: int, free: list[_Axis]
                 ) -> tuple[int, list[tuple[_Axis, int]]] | None:
-    """The cheapest tile of ``V`` of the ``vectors`` vectors times ``P`` points (tile extents
-    of the ``free`` axes, :func:`_point_tiles`), ``V * P <= TILE_ACCUMULATORS``, ``P >=
-    TILE_MIN``: fewest loads per FMA, ``(VECTOR_LOAD_COST V + P) / (V P)``, then more points.
-    More than one vector only while their walk over the reduction (``V * slab`` elements of
-    the loaded inputs) stays within ``TILE_SLAB_ELEMENTS``."""
+    """The cheapest tile of ``V`` (at most ``most``) of the ``vectors`` vectors times ``P``
+    points (tile extents of the ``free`` axes, :func:`_point_tiles`), ``V * P <=
+    TILE_ACCUMULATORS``, ``P >= TILE_MIN``: fewest loads per FMA, ``(VECTOR_LOAD_COST V + P)
+    / (V P)``, then more points."""
     best, best_key = None, None
     for tiles in _point_tiles(free, TILE_ACCUMULATORS):
         points = math.prod(size for _, size in tiles)
         if points < TILE_MIN:
             continue
-        for v in range(1, TILE_ACCUMULATORS // points + 1):
-            if vectors % v or (v > 1 and v * slab > TILE_SLAB_ELEMENTS):
-                continue
+        for v in range(1, min(most, TILE_ACCUMULATORS // points) + 1):
             key = ((VECTOR_LOAD_COST * v + points) / (v * points), -points)
-            if best_key is None or key < best_key:
+            if vectors % v == 0 and (best_key is None or key < best_key):
                 best, best_key = (v, tiles), key
     return best
 
