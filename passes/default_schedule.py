@@ -217,7 +217,7 @@ def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes
     axes = _axes(sch, cache)
     axes = [axes[sorted(positions).index(k)] for k in positions]
     sch.reorder(*[a.loop for a in axes])
-    if block_by is None:
+    if block_by is None or len(axes) == 1:
         _elementwise(sch, axes, lanes)
     else:
         _transposing_copy(sch, axes, block_by, lanes)
