@@ -22,9 +22,18 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
            y[n, 16 c_o + c_i, h, 4 w_o + w_i] = relu(acc[c_i, w_i] + b[...])   # epilogue fused
 
    The vector is the widest such axis, preferring the output's contiguous one; on small maps
-   it is the output channel (the weight copied with it last, in vector-wide blocks that go
-   first, so each vector's walk over the reduction reads contiguous memory) and the tile
-   runs over pixels.
+   it is the output channel (the weight copied with it last, in blocks as wide as the tile's
+   vectors that go first, so the tile's walk over the reduction reads contiguous memory; the
+   copy gathers a vector at a few consecutive weight positions in turn, so the rows it reads
+   stay in cache) and the tile runs over pixels. The tile is ``V`` vectors of that axis
+   (unrolled; ``V = 1`` above) times ``P`` points, ``V P <= TILE_ACCUMULATORS``, extents that
+   divide the axes: the shape with the fewest loads per FMA, ``(2 V + P) / (V P)`` (a vector
+   load counts as two broadcasts), more than one vector only where their walk over the
+   reduction is at least ``TILE_VECTORS_MIN_WALK`` long and stays within
+   ``TILE_SLAB_ELEMENTS`` (the tiles after it reread it from cache).
+   The gradient filter's 1x1 conv_transpose on a 7x7 map gets 2 vectors of output channels
+   times the 7 pixels of a row (14 accumulators, not 7); a 3x3 conv with 512 channels keeps
+   1 vector (one vector's walk over the weight takes 295 KiB).
    Elementwise consumers that cover the whole output are inlined into the write-back. Where
    the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
    reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
@@ -88,6 +97,15 @@ PARALLEL_CHUNKS = 64
 TILE_ACCUMULATORS = 24
 #: The least number of accumulators for which a register tile beats the rules without one.
 TILE_MIN = 4
+#: A vector load counts as this many broadcast loads in a tile's loads per FMA (it moves a
+#: vector's bytes; measured on Zen 5: 2 vectors x 8 points beat 4 x 4 and 1 x 16).
+VECTOR_LOAD_COST = 2
+#: The most elements of the loaded inputs that a tile of several vectors walks over the
+#: reduction (256 KiB of float32, a quarter of L2): the tiles after it reread them from cache.
+TILE_SLAB_ELEMENTS = 1 << 16
+#: The shortest walk over the reduction for a tile of several vectors (shorter ones spend
+#: their time initialising and writing back the tile: weight gradients of 1x1 maps).
+TILE_VECTORS_MIN_WALK = 64
 #: Inputs of at most this many elements (1 MiB of float32, a core's L2) are reread from cache.
 CACHED_ELEMENTS = 1 << 18
 #: Input elements one register tile streams per block of a split reduction (64 KiB of float32).
@@ -209,10 +227,32 @@ def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes
     axes = _axes(sch, cache)
     axes = [axes[sorted(positions).index(k)] for k in positions]
     sch.reorder(*[a.loop for a in axes])
-    _elementwise(sch, axes, lanes)
+    if block_by is None or len(axes) == 1:
+        _elementwise(sch, axes, lanes)
+    else:
+        _transposing_copy(sch, axes, block_by, lanes)
     if block_by is not None and axes[-1].extent > block_by:
         sch.transform_layout(cache, ("write", 0),
                              lambda *i: [i[-1] // block_by, *i[:-1], i[-1] % block_by])
+
+
+def _transposing_copy(sch: s_tir.Schedule, axes: list[_Axis], block_by: int, lanes: int) -> None:
+    """Schedule a copy that reads along its leading ``axes`` (fused) and writes along the last
+    one in blocks of ``block_by``, tile by tile: a vector of the last axis is gathered at each of
+    a few consecutive (unrolled) read positions, so that the rows a tile reads stay in L1 until
+    it has used all of them (a plain loop order gathers each vector from cold rows)."""
+    *used, last = axes
+    read = sch.fuse(*[a.loop for a in used]) if len(used) > 1 else used[0].loop
+    extent = math.prod(a.extent for a in used)
+    factor = _vector_factor(block_by, lanes) or 1
+    blocks, vectors, lane = sch.split(last.loop, [None, block_by // factor, factor])
+    tile = max(d for d in range(1, lanes + 1) if extent % d == 0)
+    read_outer, read_inner = sch.split(read, [None, tile])
+    sch.reorder(blocks, read_outer, vectors, read_inner, lane)
+    sch.unroll(read_inner)
+    if factor > 1:
+        sch.vectorize(lane)
+    _parallelize(sch, [blocks, read_outer], extent * last.extent)
 
 
 def _picking(positions: list[int], ndim: int) -> tirx.IndexMap:
@@ -307,16 +347,22 @@ class _TilePlan:
 
     vector: _Axis                  # vectorized, fed by loads contiguous along it
     factor: int                    # its vector width
+    vectors: int                   # vectors of it per tile (unrolled)
     tiles: list[tuple[_Axis, int]]  # unrolled tile axes and their tile extents
     relayout: list[int]            # reads to copy with ``vector`` last first
+
+    @property
+    def points(self) -> int:
+        return math.prod(size for _, size in self.tiles)
 
 
 def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePlan | None:
     """The register tile of a reduction: a spatial ``vector`` axis that every input using it
     reads contiguously (after a relayout copy where needed), and tile axes that no such input
     uses, so that each loaded vector feeds one accumulator per tile point. Prefers the widest
-    vector, then the output's contiguous axis."""
+    vector, then the output's contiguous axis; its shape is :func:`_tile_shape`."""
     write = block.writes[0]
+    reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
     candidates = sorted(reversed([a for a in spatial if a.extent > 1]),
                         key=lambda a: _stride(write, a.var) != 1)
     best = None
@@ -326,28 +372,58 @@ def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePl
         if factor is None or None in strides or (best and factor <= best.factor):
             continue
         loaded = [region for region, stride in zip(block.reads, strides) if stride]
-        tiles, budget = [], TILE_ACCUMULATORS
-        for axis in reversed(spatial):
-            if axis is vector or axis.extent == 1 or \
-                    any(_stride(region, axis.var) != 0 for region in loaded):
-                continue
-            size = max(d for d in range(1, min(budget, axis.extent) + 1) if axis.extent % d == 0)
-            if size == 1:
-                break
-            tiles.append((axis, size))
-            budget //= size
-        if math.prod(size for _, size in tiles) >= TILE_MIN:
-            best = _TilePlan(vector, factor, tiles,
+        free = [axis for axis in reversed(spatial) if axis is not vector and axis.extent > 1
+                and all(_stride(region, axis.var) == 0 for region in loaded)]
+        # Several vectors where the tile's walk over the reduction is long enough for its
+        # loads to matter and short enough to stay in cache for the tiles after it.
+        walk = max((math.prod(int(iv.dom.extent) for iv in reduce
+                              if _stride(region, iv.var) != 0) for region in loaded), default=0)
+        most = 1 if walk < TILE_VECTORS_MIN_WALK else \
+            max(1, TILE_SLAB_ELEMENTS // (factor * walk))
+        shape = _tile_shape(vector.extent // factor, most, free)
+        if shape is not None:
+            best = _TilePlan(vector, factor, *shape,
                              [i for i, stride in enumerate(strides) if stride not in (0, 1)])
     return best
 
 
+def _tile_shape(vectors: int, most: int, free: list[_Axis]
+                ) -> tuple[int, list[tuple[_Axis, int]]] | None:
+    """The cheapest tile of ``V`` (at most ``most``) of the ``vectors`` vectors times ``P``
+    points (tile extents of the ``free`` axes, :func:`_point_tiles`), ``V * P <=
+    TILE_ACCUMULATORS``, ``P >= TILE_MIN``: fewest loads per FMA, ``(VECTOR_LOAD_COST V + P)
+    / (V P)``, then more points."""
+    best, best_key = None, None
+    for tiles in _point_tiles(free, TILE_ACCUMULATORS):
+        points = math.prod(size for _, size in tiles)
+        if points < TILE_MIN:
+            continue
+        for v in range(1, min(most, TILE_ACCUMULATORS // points) + 1):
+            key = ((VECTOR_LOAD_COST * v + points) / (v * points), -points)
+            if vectors % v == 0 and (best_key is None or key < best_key):
+                best, best_key = (v, tiles), key
+    return best
+
+
+def _point_tiles(free: list[_Axis], budget: int):
+    """The tile extents (divisors, at least 2, at most ``budget`` points in all) of a leading
+    run of the ``free`` axes, as (axis, extent) lists."""
+    yield []
+    if free:
+        axis, rest = free[0], free[1:]
+        for size in range(min(budget, axis.extent), 1, -1):
+            if axis.extent % size == 0:
+                for tiles in _point_tiles(rest, budget // size):
+                    yield [(axis, size), *tiles]
+
+
 def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axis],
                    plan: _TilePlan, lanes: int) -> None:
-    """Compute the tile (``plan.tiles`` x the vector) in a local accumulator buffer inside the
-    reduction loops: spatial tile loops outside (parallel), then the reduction loops, then the
-    unrolled tile loops and the vector. The accumulators are initialised before and written back
-    (with fused elementwise consumers) after the reduction loops. Where the reduction is split
+    """Compute the tile (``plan.tiles`` x ``plan.vectors`` vectors) in a local accumulator
+    buffer inside the reduction loops: spatial tile loops outside (parallel), then the
+    reduction loops, then the unrolled vectors and tile loops and the vector lanes. The
+    accumulators are initialised before and written back (with fused elementwise consumers)
+    after the reduction loops. Where the reduction is split
     (:func:`_reduction_block`), its blocks run inside the first few (parallel) tile loops and
     the tile accumulates in the output."""
     stmt = sch.get(block)
@@ -359,18 +435,20 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     contiguous = _stride(stmt.writes[0], plan.vector.var) == 1
     split = _reduction_block(stmt, reduce, plan) if contiguous else None
     for index in plan.relayout:
-        _relayout_read(sch, block, index, plan.vector.var, lanes, plan.factor)
+        _relayout_read(sch, block, index, plan.vector.var, lanes, plan.vectors * plan.factor)
     if split is None:
         accumulators = _accumulators(sch, block, plan.vector.var, contiguous)
-    inner_of = {plan.vector: plan.factor, **dict(plan.tiles)}
+    inner_of = {plan.vector: [plan.vectors, plan.factor] if plan.vectors > 1 else [plan.factor],
+                **{axis: [size] for axis, size in plan.tiles}}
     outer, inner = [], {}
     for axis in spatial:
         if axis in inner_of:
-            loop_outer, inner[axis] = sch.split(axis.loop, [None, inner_of[axis]])
+            loop_outer, *inner[axis] = sch.split(axis.loop, [None, *inner_of[axis]])
             outer.append(loop_outer)
         else:
             outer.append(axis.loop)
-    tile_loops = [inner[axis] for axis, _ in reversed(plan.tiles)]
+    *vector_loops, lane = inner[plan.vector]
+    tile_loops = [*vector_loops, *[inner[axis][0] for axis, _ in reversed(plan.tiles)]]
     reduce_loops = [a.loop for a in reduce]
     work = math.prod(a.extent for a in spatial)
     if split is not None:
@@ -380,8 +458,8 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
         parallel = _leading(sch, outer, SPLIT_PARALLEL_CHUNKS)
         blocks, reduce_loops[0] = sch.split(reduce_loops[0], [None, split])
         outer.insert(parallel, blocks)
-    sch.reorder(*outer, *reduce_loops, *tile_loops, inner[plan.vector])
-    sch.vectorize(inner[plan.vector])
+    sch.reorder(*outer, *reduce_loops, *tile_loops, lane)
+    sch.vectorize(lane)
     for loop in tile_loops:
         sch.unroll(loop)
     if split is not None:  # the initialisation keeps the tile's loops and their annotations
@@ -423,8 +501,7 @@ def _reduction_block(block: s_tir.SBlock, reduce: list[_Axis], plan: _TilePlan) 
     sizes = sorted((math.prod(int(d) for d in r.source.shape) for r in block.reads), reverse=True)
     if len(sizes) < 2 or sizes[1] <= CACHED_ELEMENTS:
         return None
-    points = math.prod(size for _, size in plan.tiles)
-    step = (points + plan.factor) * math.prod(a.extent for a in reduce[1:])
+    step = (plan.points + plan.vectors * plan.factor) * math.prod(a.extent for a in reduce[1:])
     split = max((d for d in range(1, reduce[0].extent + 1)
                  if reduce[0].extent % d == 0 and d * step <= REDUCTION_BLOCK_ELEMENTS),
                 default=1)

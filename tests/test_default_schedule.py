@@ -136,15 +136,37 @@ def test_reduction_over_contiguous_axis_is_rfactored():
 
 
 def test_small_map_weight_copied_in_vector_blocks():
-    """On a 1x1 map the tile's vector runs over output channels: the weight k[c, rc, ry, rx]
-    is first copied with c split into vector-wide blocks that go first, k'[c // 4, rc, ry, rx,
-    c % 4], so each vector's walk over (rc, ry, rx) reads contiguous memory."""
+    """On a 1x1 map the tile's vectors run over output channels: the weight k[c, rc, ry, rx]
+    is first copied with c split into blocks as wide as the tile's 2 vectors that go first,
+    k'[c // 8, rc, ry, rx, c % 8], so the tile's walk over (rc, ry, rx) reads contiguous
+    memory. The copy gathers each vector of c at a few consecutive (unrolled) positions of
+    (rc, ry, rx) in turn, so the weight rows it reads stay in cache."""
     scheduled = schedule_kernel(only_kernel(kernels(*CASES["conv_on_1x1_map"][:1],
                                                     *CASES["conv_on_1x1_map"][1:])), NEON)
     sch = s_tir.Schedule(scheduled)
-    copies = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))
+    copies = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
               if sch.get(b).name_hint.endswith("_global")]
-    assert [[int(d) for d in c.writes[0].source.shape] for c in copies] == [[16, 64, 3, 3, 4]]
+    assert [[int(d) for d in sch.get(c).writes[0].source.shape] for c in copies] == \
+        [[8, 64, 3, 3, 8]]
+    *_, read, lane = [sch.get(loop) for loop in sch.get_loops(copies[0])]
+    assert (read.kind, int(read.extent)) == (tirx.ForKind.UNROLLED, 4)
+    assert (lane.kind, int(lane.extent)) == (tirx.ForKind.VECTORIZED, 4)
+
+
+def test_small_map_tile_has_several_vectors():
+    """A 1x1 conv_transpose on a 7x7 map (the gradient filter's low-resolution product): the
+    tile's points run over the 7 pixels of a row, too few accumulators for one vector, so the
+    tile takes 2 vectors of output channels (unrolled) times 7 points, 14 accumulators."""
+    scheduled = schedule_kernel(only_kernel(kernels(*CASES["conv_transpose_1x1_small_map"][:1],
+                                                    *CASES["conv_transpose_1x1_small_map"][1:])),
+                                NEON)
+    sch = s_tir.Schedule(scheduled)
+    (update,) = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                 if sch.get(b).name_hint.endswith("_update")]
+    assert sch.get(update).writes[0].source.scope() == "local"
+    tile = [(sch.get(loop).kind, int(sch.get(loop).extent)) for loop in sch.get_loops(update)[-3:]]
+    assert tile == [(tirx.ForKind.UNROLLED, 2), (tirx.ForKind.UNROLLED, 7),
+                    (tirx.ForKind.VECTORIZED, 4)]
 
 
 def test_pool_windows_summed_row_by_row():
@@ -311,6 +333,8 @@ CASES = {
         (1, 16, 1, 1)),
     "conv_small_map_bias_relu": (lambda x, w, b: relax.op.nn.relu(relax.op.add(
         relax.op.nn.conv2d(x, w, padding=1), b)), (8, 32, 4, 4), (32, 32, 3, 3), (1, 32, 1, 1)),
+    "conv_transpose_1x1_small_map": (lambda x, w: relax.op.nn.conv2d_transpose(x, w),
+                                     (8, 64, 7, 7), (64, 64, 1, 1)),
     "conv_transpose_stride2": (lambda x, w: relax.op.nn.conv2d_transpose(
         x, w, strides=2, padding=1, output_padding=1), (4, 32, 5, 5), (32, 16, 3, 3)),
     "conv_sliced_add": (lambda x, w, b: relax.op.add(relax.op.strided_slice(
