@@ -34,6 +34,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
    The gradient filter's 1x1 conv_transpose on a 7x7 map gets 2 vectors of output channels
    times the 7 pixels of a row (14 accumulators, not 7); a 3x3 conv with 512 channels keeps
    1 vector (one vector's walk over the weight takes 295 KiB).
+   A product that reads its padded input ``s`` apart along the output row (a strided conv)
+   stores that padded copy de-interleaved, ``[..., w % s, w // s]``, so the row reads it
+   contiguously; a relayout copy would hold it once per tap.
    Elementwise consumers that cover the whole output are inlined into the write-back. Where
    the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
    reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
