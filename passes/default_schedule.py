@@ -34,6 +34,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
    The gradient filter's 1x1 conv_transpose on a 7x7 map gets 2 vectors of output channels
    times the 7 pixels of a row (14 accumulators, not 7); a 3x3 conv with 512 channels keeps
    1 vector (one vector's walk over the weight takes 295 KiB).
+   A product that reads its padded input ``s`` apart along the output row (a strided conv)
+   stores that padded copy de-interleaved, ``[..., w % s, w // s]``, so the row reads it
+   contiguously; a relayout copy would hold it once per tap.
    Elementwise consumers that cover the whole output are inlined into the write-back. Where
    the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
    reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
@@ -302,6 +305,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     if not reduce:
         _injective(sch, block, lanes)
         return
+    _deinterleave_strided_reads(sch, block, spatial)
     stmt = sch.get(block)
     plan = _tile_plan(stmt, spatial, lanes)
     if plan is not None:
@@ -326,6 +330,26 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         _rfactor(sch, block, spatial, reduce, inner, lanes)
     else:
         _parallelize(sch, [a.loop for a in spatial], work)
+
+
+def _deinterleave_strided_reads(sch: s_tir.Schedule, block, spatial: list[_Axis]) -> None:
+    """Where a product (a strided conv) reads an intermediate (its padded input) ``s`` apart
+    along the output's contiguous axis, store that intermediate's last axis de-interleaved,
+    ``[..., w % s, w // s]``, so the read is contiguous (``transform_layout``): the register
+    tile's relayout copy of such a read holds it once per reduction point (49 x 3 times for
+    ResNet's 7x7 stem). Pools (one input) keep their gathers: de-interleaved, ResNet's 3x3
+    stride-2 max pool was no faster on 64x64 maps and slower on 16x16."""
+    stmt = sch.get(block)
+    row = next((a for a in reversed(spatial) if a.extent > 1), None)
+    if len(stmt.reads) < 2 or row is None or _stride(stmt.writes[0], row.var) != 1:
+        return
+    producers = {sch.get(p).writes[0].source: p for p in sch.get_producers(block)}
+    for region in stmt.reads:
+        step = _stride(region, row.var)
+        width = int(region.source.shape[-1])
+        if region.source in producers and step and step > 1 and width % step == 0:
+            sch.transform_layout(producers[region.source], ("write", 0),
+                                 lambda *i: [*i[:-1], i[-1] % step, i[-1] // step])
 
 
 def _window_sums(block: s_tir.SBlock, spatial: list[_Axis], reduce: list[_Axis],

@@ -83,6 +83,21 @@ def test_padding_a_window_reads_is_kept():
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
 
+def test_strided_conv_reads_its_padded_input_deinterleaved():
+    """A stride-2 conv reads its padded input 2 apart along w: the padded copy is stored
+    de-interleaved, ``[n, c, h, w % 2, w // 2]``, so the register tile reads it contiguously,
+    with no relayout copy of it (which would hold it once per tap)."""
+    scheduled = schedule_kernel(only_kernel(kernels(
+        lambda x, w: relax.op.nn.conv2d(x, w, strides=2, padding=3), (2, 3, 32, 32),
+        (16, 3, 7, 7))), NEON)
+    sch = s_tir.Schedule(scheduled)
+    blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    pad = next(b for b in blocks if b.name_hint == "pad_temp")
+    assert [int(d) for d in pad.writes[0].source.shape] == [2, 3, 38, 2, 19]
+    assert not any(b.name_hint.endswith("_global") for b in blocks)
+    assert register_tiled(scheduled)
+
+
 def test_conv_register_tile():
     """y[n, c, h, w] += x[n, rc, h + ry, w + rx] * k[c, rc, ry, rx]: each x vector along w
     feeds 16 accumulators (c), kept in a local buffer inside the reduction loops, initialised
@@ -308,6 +323,8 @@ CASES = {
     "conv3x3": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1), (8, 16, 8, 8), (16, 16, 3, 3)),
     "conv_stride2": (lambda x, w: relax.op.nn.conv2d(x, w, strides=2, padding=1),
                      (8, 16, 16, 16), (32, 16, 3, 3)),
+    "conv7x7_stride2_stem": (lambda x, w: relax.op.nn.conv2d(x, w, strides=2, padding=3),
+                             (4, 3, 32, 32), (16, 3, 7, 7)),
     "depthwise": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1, groups=16),
                   (8, 16, 8, 8), (16, 1, 3, 3)),
     "conv_on_1x1_map": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1),
