@@ -193,16 +193,22 @@ def _is_row(block: s_tir.SBlock, axes: list[_Axis]) -> bool:
     return True
 
 
+def _output_axis(block: s_tir.SBlock, spatial: list[_Axis]) -> _Axis | None:
+    """The output's contiguous axis: the innermost spatial axis longer than 1, if the output is
+    written with stride 1 along it."""
+    axis = next((a for a in reversed(spatial) if a.extent > 1), None)
+    return axis if axis is not None and _stride(block.writes[0], axis.var) == 1 else None
+
+
 def _relayout_for_row(sch: s_tir.Schedule, block, spatial: list[_Axis], lanes: int
                       ) -> list[_Axis]:
     """When the output's contiguous axis is strided in an input (a weight read ``w[c, rc, ...]``
     for output channels ``c``), copy that input into a buffer that has the axis last, so the
     row exists. Returns the row, or [] where no input is strided that way."""
-    nonunit = [a for a in spatial if a.extent > 1]
     stmt = sch.get(block)
-    if not nonunit or _stride(stmt.writes[0], nonunit[-1].var) != 1:
+    axis = _output_axis(stmt, spatial)
+    if axis is None:
         return []
-    axis = nonunit[-1]
     for index, region in enumerate(stmt.reads):
         if (_stride(region, axis.var) or 0) <= MAX_GATHER_STRIDE or \
                 not all(isinstance(r.min, tirx.Var) for r in region.region):
@@ -335,13 +341,14 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
 def _deinterleave_strided_reads(sch: s_tir.Schedule, block, spatial: list[_Axis]) -> None:
     """Where a product (a strided conv) reads an intermediate (its padded input) ``s`` apart
     along the output's contiguous axis, store that intermediate's last axis de-interleaved,
-    ``[..., w % s, w // s]``, so the read is contiguous (``transform_layout``): the register
-    tile's relayout copy of such a read holds it once per reduction point (49 x 3 times for
-    ResNet's 7x7 stem). Pools (one input) keep their gathers: de-interleaved, ResNet's 3x3
-    stride-2 max pool was no faster on 64x64 maps and slower on 16x16."""
+    ``[..., w % s, w // s]``, so the read is contiguous (``transform_layout``). Otherwise the
+    register tile's relayout copy holds one copy of the input per tap over the output grid
+    (ResNet's 7x7 stride-2 stem at 128x128, batch 8: 29 MB for a 1.6 MB input). Pools (one
+    input) keep their gathers: de-interleaved, ResNet's 3x3 stride-2 max pool was no faster
+    on 64x64 maps and slower on 16x16."""
     stmt = sch.get(block)
-    row = next((a for a in reversed(spatial) if a.extent > 1), None)
-    if len(stmt.reads) < 2 or row is None or _stride(stmt.writes[0], row.var) != 1:
+    row = _output_axis(stmt, spatial)
+    if len(stmt.reads) < 2 or row is None:
         return
     producers = {sch.get(p).writes[0].source: p for p in sch.get_producers(block)}
     for region in stmt.reads:
@@ -357,12 +364,11 @@ def _window_sums(block: s_tir.SBlock, spatial: list[_Axis], reduce: list[_Axis],
     """For a sum of one input over windows that are contiguous in it (a weight's taps), the
     output's contiguous axis if a vector divides it and the input steps along it by exactly one
     window: the lanes gather, but the reduction loops use every element of the lines loaded."""
-    axis = next((a for a in reversed(spatial) if a.extent > 1), None)
+    axis = _output_axis(block, spatial)
     if axis is None or len(block.reads) != 1 or axis.extent % lanes:
         return []
     window = math.prod(a.extent for a in reduce)
-    contiguous = _stride(block.writes[0], axis.var) == 1
-    return [axis] if contiguous and _stride(block.reads[0], axis.var) == window else []
+    return [axis] if _stride(block.reads[0], axis.var) == window else []
 
 
 @dataclass(eq=False)
