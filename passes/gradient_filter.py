@@ -148,17 +148,14 @@ def upsample(bb: relax.BlockBuilder, low: relax.Expr, layer: ConvGeometry) -> re
 
 def filtered_grad_weight(bb: relax.BlockBuilder, g_pool: relax.Expr, x_sum: relax.Expr,
                          layer: ConvGeometry) -> relax.Expr:
-    """Σ_{n,P,Q} ḡ · x̃ per group (a batched matmul), copied to every tap."""
+    """Σ_{n,P,Q} ḡ · x̃ per group (one einsum over the tensors' own layouts, so neither is
+    transposed into a matmul layout first), copied to every tap."""
     n, co = layer.y_shape[:2]
     ci_group, kh, kw = layer.w_shape[1:]
     g = layer.groups
-    length = n * layer.blocks[0] * layer.blocks[1]
-    # (N, g, C/g, P, Q) -> (g, C/g, N·P·Q)
-    flat = lambda t, c: relax.op.reshape(relax.op.permute_dims(relax.op.reshape(
-        t, (n, g, c, layer.blocks[0], layer.blocks[1])), [1, 2, 0, 3, 4]), (g, c, length))
-    g_flat = bb.emit(flat(g_pool, co // g), "gf_g_flat")
-    x_flat = bb.emit(relax.op.permute_dims(flat(x_sum, ci_group), [0, 2, 1]), "gf_x_flat")
-    product = bb.emit(relax.op.matmul(g_flat, x_flat), "gf_gw_1x1")
+    grouped = lambda t, c: relax.op.reshape(t, (n, g, c, *layer.blocks))
+    product = bb.emit(relax.op.einsum((grouped(g_pool, co // g), grouped(x_sum, ci_group)),
+                                      "ngopq,ngipq->goi"), "gf_gw_1x1")
     return relax.op.broadcast_to(relax.op.reshape(product, (co, ci_group, 1, 1)),
                                  (co, ci_group, kh, kw))
 

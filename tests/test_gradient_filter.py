@@ -128,7 +128,6 @@ def expected_module(ci: int, co: int, s: int, g: int) -> tvm.IRModule:
     blocks start at the corner, so grad_x is upsampled by broadcasting."""
     ho = 8 // s
     blocks = ho // 2
-    length = 2 * blocks * blocks
     per_stride = (lambda low: low) if s == 1 else (
         lambda low: R.multiply(low, R.const(1.0 / (s * s), "float32")))
 
@@ -154,13 +153,9 @@ def expected_module(ci: int, co: int, s: int, g: int) -> tvm.IRModule:
                 x_adjoint = R.reshape(R.broadcast_to(
                     R.reshape(gf_gx_low, (2, ci, blocks, 1, blocks, 1)),
                     (2, ci, blocks, 2 * s, blocks, 2 * s)), (2, ci, 8, 8))
-                gf_g_flat = R.reshape(R.permute_dims(R.reshape(
-                    gf_g_pool, (2, g, co // g, blocks, blocks)), [1, 2, 0, 3, 4]),
-                    (g, co // g, length))
-                gf_x_flat = R.permute_dims(R.reshape(R.permute_dims(R.reshape(
-                    gf_x_sum, (2, g, ci // g, blocks, blocks)), [1, 2, 0, 3, 4]),
-                    (g, ci // g, length)), [0, 2, 1])
-                gf_gw_1x1 = R.matmul(gf_g_flat, gf_x_flat)
+                gf_gw_1x1 = R.einsum((R.reshape(gf_g_pool, (2, g, co // g, blocks, blocks)),
+                                      R.reshape(gf_x_sum, (2, g, ci // g, blocks, blocks))),
+                                     "ngopq,ngipq->goi")
                 w_adjoint = R.broadcast_to(R.reshape(gf_gw_1x1, (co, ci // g, 1, 1)),
                                            (co, ci // g, 3, 3))
                 x_adjoint_out = x_adjoint
