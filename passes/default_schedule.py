@@ -480,7 +480,7 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     *vector_loops, lane = inner[plan.vector]
     tile_loops = [*vector_loops, *[inner[axis][0] for axis, _ in reversed(plan.tiles)]]
     reduce_loops = [a.loop for a in reduce]
-    work = math.prod(a.extent for a in spatial)
+    work = math.prod(a.extent for a in [*spatial, *reduce])
     if split is not None:
         # One parallel region (a few chunks, each walking the reduction blocks in turn): a
         # parallel loop inside the blocks would synchronise the threads once per block, which

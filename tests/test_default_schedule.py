@@ -115,9 +115,10 @@ def test_conv_register_tile():
     sch.vectorize(w_inner)
     sch.unroll(c_inner)
     sch.reverse_compute_at(accumulators, w_outer)
+    sch.parallel(sch.fuse(c_outer, n, h, w_outer))  # 36,864 multiply-adds: enough for threads
     init = sch.decompose_reduction(conv, rc)
     for stage in (init, accumulators):
-        c_tile, w_tile = sch.get_loops(stage)[4:]
+        c_tile, w_tile = sch.get_loops(stage)[1:]
         sch.unroll(c_tile)
         sch.vectorize(w_tile)
     expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
@@ -138,6 +139,7 @@ def test_large_reduction_is_split_outside_the_tile():
     sch.reorder(i_outer, j_outer, k_outer, k_inner, i_inner, j_inner)  # 2 x 8 >= 4 chunks
     sch.vectorize(j_inner)
     sch.unroll(i_inner)
+    sch.parallel(sch.fuse(i_outer, j_outer))
     sch.decompose_reduction(matmul, k_outer)
     expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
