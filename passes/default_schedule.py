@@ -21,7 +21,9 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
                acc[c_i, w_i] += x[n, rc, h + ry, 4 w_o + w_i + rx] * k[16 c_o + c_i, rc, ry, rx]
            y[n, 16 c_o + c_i, h, 4 w_o + w_i] = relu(acc[c_i, w_i] + b[...])   # epilogue fused
 
-   The vector is the widest such axis, preferring the output's contiguous one; on small maps
+   The vector is the widest such axis, preferring the output's contiguous one unless a tile
+   along another as wide saves more than ``SCATTER_LOADS`` loads per output element (ResNet-18's
+   3x3 convs on 16x16 maps: 2 vectors of channels x 8 pixels); on small maps
    it is the output channel (the weight copied with it last, in blocks as wide as the tile's
    vectors that go first, so the tile's walk over the reduction reads contiguous memory; the
    copy gathers a vector at a few consecutive weight positions in turn, so the rows it reads
@@ -109,6 +111,13 @@ TILE_SLAB_ELEMENTS = 1 << 16
 #: The shortest walk over the reduction for a tile of several vectors (shorter ones spend
 #: their time initialising and writing back the tile: weight gradients of 1x1 maps).
 TILE_VECTORS_MIN_WALK = 64
+#: Loads a tile must save per output element (over the reduction) to be worth a vector that the
+#: output does not store contiguously: its write-back scatters and its inputs may need a
+#: relayout copy (measured on Zen 5: ResNet-18's 3x3 convs on 16x16 maps, 1152 multiply-adds
+#: per output and 27 loads saved, 7 % faster with 2 vectors of channels x 8 pixels than 1
+#: vector of the row x 16 channels; MobileNetV2's 1x1 convs on 8x8 maps, 9 loads saved, 1.8x
+#: slower; ResNet-18's 1x1 shortcut convs, 1.5 saved, 1.35x slower).
+SCATTER_LOADS = 12
 #: Inputs of at most this many elements (1 MiB of float32, a core's L2) are reread from cache.
 CACHED_ELEMENTS = 1 << 18
 #: Input elements one register tile streams per block of a split reduction (64 KiB of float32).
@@ -385,12 +394,17 @@ class _TilePlan:
     def points(self) -> int:
         return math.prod(size for _, size in self.tiles)
 
+    @property
+    def loads_per_fma(self) -> float:
+        return _loads_per_fma(self.vectors, self.points)
+
 
 def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePlan | None:
     """The register tile of a reduction: a spatial ``vector`` axis that every input using it
     reads contiguously (after a relayout copy where needed), and tile axes that no such input
     uses, so that each loaded vector feeds one accumulator per tile point. Prefers the widest
-    vector, then the output's contiguous axis; its shape is :func:`_tile_shape`."""
+    vector, then the output's contiguous axis unless another axis as wide saves more than
+    ``SCATTER_LOADS`` loads per output element; its shape is :func:`_tile_shape`."""
     write = block.writes[0]
     reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
     candidates = sorted(reversed([a for a in spatial if a.extent > 1]),
@@ -399,7 +413,7 @@ def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePl
     for vector in candidates:
         factor = _vector_factor(vector.extent, lanes)
         strides = [_stride(region, vector.var) for region in block.reads]
-        if factor is None or None in strides or (best and factor <= best.factor):
+        if factor is None or None in strides or (best and factor < best.factor):
             continue
         loaded = [region for region, stride in zip(block.reads, strides) if stride]
         free = [axis for axis in reversed(spatial) if axis is not vector and axis.extent > 1
@@ -411,9 +425,13 @@ def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePl
         most = 1 if walk < TILE_VECTORS_MIN_WALK else \
             max(1, TILE_SLAB_ELEMENTS // (factor * walk))
         shape = _tile_shape(vector.extent // factor, most, free)
-        if shape is not None:
-            best = _TilePlan(vector, factor, *shape,
-                             [i for i, stride in enumerate(strides) if stride not in (0, 1)])
+        if shape is None:
+            continue
+        plan = _TilePlan(vector, factor, *shape,
+                         [i for i, stride in enumerate(strides) if stride not in (0, 1)])
+        if best is None or factor > best.factor or \
+                walk / factor * (best.loads_per_fma - plan.loads_per_fma) > SCATTER_LOADS:
+            best = plan
     return best
 
 
@@ -429,10 +447,15 @@ def _tile_shape(vectors: int, most: int, free: list[_Axis]
         if points < TILE_MIN:
             continue
         for v in range(1, min(most, TILE_ACCUMULATORS // points) + 1):
-            key = ((VECTOR_LOAD_COST * v + points) / (v * points), -points)
+            key = (_loads_per_fma(v, points), -points)
             if vectors % v == 0 and (best_key is None or key < best_key):
                 best, best_key = (v, tiles), key
     return best
+
+
+def _loads_per_fma(vectors: int, points: int) -> float:
+    """Loads per FMA of a tile of ``vectors`` vectors times ``points`` broadcast points."""
+    return (VECTOR_LOAD_COST * vectors + points) / (vectors * points)
 
 
 def _point_tiles(free: list[_Axis], budget: int):

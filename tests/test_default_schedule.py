@@ -170,6 +170,24 @@ def test_small_map_weight_copied_in_vector_blocks():
     assert (lane.kind, int(lane.extent)) == (tirx.ForKind.VECTORIZED, 4)
 
 
+def test_long_reduction_tiles_channels_not_the_row():
+    """A 3x3 conv with 16 input channels on a 4x4 map (NEON: one vector is the whole row):
+    a row vector times 16 channels loads 1.125 times per FMA, 2 vectors of channels times 8
+    pixels 0.75; over 144 multiply-adds per output that saves 13.5 loads per output element,
+    more than the channels' scattered write-back and weight copy cost (``SCATTER_LOADS``),
+    so the tile runs over channels: the weight is copied in blocks of 2 vectors. A 1x1 conv
+    (8 multiply-adds per output) keeps the row and reads its weight in place."""
+    def weight_copies(shapes):
+        scheduled = schedule_kernel(only_kernel(kernels(
+            lambda x, w: relax.op.nn.conv2d(x, w, padding=shapes[1][2] // 2), *shapes)), NEON)
+        sch = s_tir.Schedule(scheduled)
+        return [[int(d) for d in sch.get(b).writes[0].source.shape]
+                for b in sch.get_child_blocks(sch.get_sblock("root"))
+                if sch.get(b).name_hint.endswith("_global")]
+    assert weight_copies([(2, 16, 4, 4), (32, 16, 3, 3)]) == [[4, 16, 3, 3, 8]]
+    assert weight_copies([(2, 8, 4, 4), (32, 8, 1, 1)]) == []
+
+
 def test_small_map_tile_has_several_vectors():
     """A 1x1 conv_transpose on a 7x7 map (the gradient filter's low-resolution product): the
     tile's points run over the 7 pixels of a row, too few accumulators for one vector, so the
@@ -350,6 +368,8 @@ CASES = {
         (1, 16, 1, 1)),
     "conv_small_map_bias_relu": (lambda x, w, b: relax.op.nn.relu(relax.op.add(
         relax.op.nn.conv2d(x, w, padding=1), b)), (8, 32, 4, 4), (32, 32, 3, 3), (1, 32, 1, 1)),
+    "conv_16x16_channel_tile": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1),
+                                (2, 64, 16, 16), (32, 64, 3, 3)),
     "conv_transpose_1x1_small_map": (lambda x, w: relax.op.nn.conv2d_transpose(x, w),
                                      (8, 64, 7, 7), (64, 64, 1, 1)),
     "conv_transpose_stride2": (lambda x, w: relax.op.nn.conv2d_transpose(
