@@ -1,3 +1,5 @@
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,10 +27,13 @@ def artifact_dir(mcunet_onnx, tmp_path_factory):
 
 @pytest.fixture
 def rpc_server():
-    """A TVM RPC server on 127.0.0.1 (this machine as the board); yields its address."""
+    """A TVM RPC server on 127.0.0.1 (this machine as the board); yields its address. It runs
+    in its own process group, stopped as a whole: the server's worker process outlives a
+    terminated server otherwise."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host",
-                               "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)])
+                               "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
+                              start_new_session=True)
     try:
         deadline = time.time() + 60
         while True:
@@ -41,5 +46,5 @@ def rpc_server():
                 time.sleep(0.5)
         yield f"127.0.0.1:{port}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
