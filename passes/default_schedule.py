@@ -23,7 +23,8 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
 
    The vector is the widest such axis, preferring the output's contiguous one unless a tile
    along another as wide saves more than ``SCATTER_LOADS`` loads per output element (ResNet-18's
-   3x3 convs on 16x16 maps: 2 vectors of channels x 8 pixels); on small maps
+   3x3 convs on 16x16 maps: 2 vectors of channels x 8 pixels) or needs no relayout copy larger
+   than its input (a weight gradient's x, read at ``h + ry``, copied once per tap); on small maps
    it is the output channel (the weight copied with it last, in blocks as wide as the tile's
    vectors that go first, so the tile's walk over the reduction reads contiguous memory; the
    copy gathers a vector at a few consecutive weight positions in turn, so the rows it reads
@@ -404,7 +405,8 @@ def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePl
     reads contiguously (after a relayout copy where needed), and tile axes that no such input
     uses, so that each loaded vector feeds one accumulator per tile point. Prefers the widest
     vector, then the output's contiguous axis unless another axis as wide saves more than
-    ``SCATTER_LOADS`` loads per output element; its shape is :func:`_tile_shape`."""
+    ``SCATTER_LOADS`` loads per output element or avoids a relayout that :func:`_expands`; its
+    shape is :func:`_tile_shape`."""
     write = block.writes[0]
     reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
     candidates = sorted(reversed([a for a in spatial if a.extent > 1]),
@@ -429,10 +431,24 @@ def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePl
             continue
         plan = _TilePlan(vector, factor, *shape,
                          [i for i, stride in enumerate(strides) if stride not in (0, 1)])
-        if best is None or factor > best.factor or \
+        if best is None or factor > best.factor or (_expands(block, best) and not
+                                                    _expands(block, plan)) or \
                 walk / factor * (best.loads_per_fma - plan.loads_per_fma) > SCATTER_LOADS:
             best = plan
     return best
+
+
+def _expands(block: s_tir.SBlock, plan: _TilePlan) -> bool:
+    """Whether the plan's relayout copies an input into more elements than it has: a read
+    indexed by sums of iterators (a weight gradient's ``x[n, c, h + ry, w + rx]``) is copied
+    once per tap."""
+    extents = {iv.var: int(iv.dom.extent) for iv in block.iter_vars}
+    for index in plan.relayout:
+        region = block.reads[index]
+        used = math.prod(extent for var, extent in extents.items() if _stride(region, var) != 0)
+        if used > math.prod(int(d) for d in region.source.shape):
+            return True
+    return False
 
 
 def _tile_shape(vectors: int, most: int, free: list[_Axis]

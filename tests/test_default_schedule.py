@@ -1,6 +1,8 @@
 """DefaultCPUSchedule: the schedule it picks (Before/Expected) and numbers equal to the
 unscheduled kernels, for every kind of kernel a train step has."""
 
+import math
+
 import numpy as np
 import pytest
 import tvm
@@ -188,6 +190,22 @@ def test_long_reduction_tiles_channels_not_the_row():
     assert weight_copies([(2, 8, 4, 4), (32, 8, 1, 1)]) == []
 
 
+def test_weight_gradient_is_not_copied_per_tap():
+    """A weight gradient on 4x4 maps, y[c, k, ry, rx] += x[n, c, h + ry, w + rx] * gy[n, k, h, w]:
+    vectors of c would need x copied with c last for every tap (its read is indexed by
+    h + ry), 4x the padded x; vectors of k copy gy as it is, so the tile runs over k."""
+    scheduled = schedule_kernel(only_kernel(kernels(
+        lambda x, gy: relax.op.nn.conv2d(x, gy, padding=1, data_layout="CNHW",
+                                         kernel_layout="IOHW", out_layout="CNHW"),
+        (8, 32, 4, 4), (8, 32, 4, 4))), NEON)
+    sch = s_tir.Schedule(scheduled)
+    copies = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))
+              if sch.get(b).name_hint.endswith("_global")]
+    assert [c.reads[0].source.name for c in copies] == ["p1"]
+    assert all(math.prod(int(d) for d in c.writes[0].source.shape) ==
+               math.prod(int(d) for d in c.reads[0].source.shape) for c in copies)
+
+
 def test_small_map_tile_has_several_vectors():
     """A 1x1 conv_transpose on a 7x7 map (the gradient filter's low-resolution product): the
     tile's points run over the 7 pixels of a row, too few accumulators for one vector, so the
@@ -353,6 +371,9 @@ CASES = {
     "weight_gradient": (lambda x, gy: relax.op.nn.conv2d(
         x, gy, padding=1, data_layout="CNHW", kernel_layout="IOHW", out_layout="CNHW"),
         (8, 16, 8, 8), (8, 32, 8, 8)),
+    "weight_gradient_4x4": (lambda x, gy: relax.op.nn.conv2d(
+        x, gy, padding=1, data_layout="CNHW", kernel_layout="IOHW", out_layout="CNHW"),
+        (8, 32, 4, 4), (8, 32, 4, 4)),
     "matmul_transposed": (lambda a, b: relax.op.matmul(a, relax.op.permute_dims(b)),
                           (8, 64), (32, 64)),
     "avg_pool": (lambda x: relax.op.nn.avg_pool2d(x, 2, 2), (8, 16, 8, 8)),
