@@ -431,11 +431,21 @@ def _tile_plan(block: s_tir.SBlock, spatial: list[_Axis], lanes: int) -> _TilePl
             continue
         plan = _TilePlan(vector, factor, *shape,
                          [i for i, stride in enumerate(strides) if stride not in (0, 1)])
-        if best is None or factor > best.factor or (_expands(block, best) and not
-                                                    _expands(block, plan)) or \
-                walk / factor * (best.loads_per_fma - plan.loads_per_fma) > SCATTER_LOADS:
+        if _preferred(block, plan, best, walk):
             best = plan
     return best
+
+
+def _preferred(block: s_tir.SBlock, plan: _TilePlan, best: _TilePlan | None, walk: int) -> bool:
+    """Whether ``plan`` beats ``best`` (an earlier candidate, so the output's contiguous axis if
+    it has one): a wider vector; at equal width, one whose relayout does not copy an input per
+    tap, else one that saves more than ``SCATTER_LOADS`` loads per output element over its
+    ``walk``."""
+    if best is None or plan.factor != best.factor:
+        return best is None or plan.factor > best.factor
+    if _expands(block, plan) != _expands(block, best):
+        return _expands(block, best)
+    return walk / plan.factor * (best.loads_per_fma - plan.loads_per_fma) > SCATTER_LOADS
 
 
 def _expands(block: s_tir.SBlock, plan: _TilePlan) -> bool:
