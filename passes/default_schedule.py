@@ -655,6 +655,15 @@ def _window_rows(sch: s_tir.Schedule, block, spatial: list[_Axis], rx: _Axis,
     width = int(sch.get(q).extent) * rx.extent
     _vectorize(sch, sch.fuse(q, lane), width, lanes)
     sch.decompose_reduction(row, sums[0])
+    # The average's division (an elementwise consumer) follows each output row, so that the
+    # sums stay in cache instead of making a round trip through memory.
+    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    consumers = sch.get_consumers(block)
+    if len(consumers) == 1 and \
+            [int(iv.dom.extent) for iv in sch.get(consumers[0]).iter_vars] == shape:
+        sch.reverse_compute_at(consumers[0], spatial[-2].loop)
+        last = sch.get_loops(consumers[0])[-1]
+        _vectorize(sch, last, int(sch.get(last).extent), lanes)
 
 
 def _loops_by_iter(sch: s_tir.Schedule, block) -> dict[tirx.Var, s_tir.schedule.LoopRV]:

@@ -236,6 +236,21 @@ def test_pool_windows_summed_row_by_row():
     assert int(sch.get(sch.get_loops(rows[0])[-1]).extent) == 4   # NEON: 4 lanes
 
 
+def test_pool_average_divides_each_row_after_its_sums():
+    """The average's division runs inside the same output-row loop as the window sums (and
+    vectorized), so the sums are divided while in cache instead of being written to memory by
+    one parallel loop and read back by another."""
+    scheduled = schedule_kernel(only_kernel(kernels(
+        lambda x: relax.op.nn.avg_pool2d(x, 2, 2), (8, 16, 8, 32))), NEON)
+    sch = s_tir.Schedule(scheduled)
+    sums, divide = (sch.get_sblock(name) for name in ("pool_sum", "pool_avg"))
+    row_loops = sch.get_loops(sums)[:-2]          # n, c (parallel), output row p
+    assert [sch.get(loop) for loop in sch.get_loops(divide)[:len(row_loops)]] == \
+        [sch.get(loop) for loop in row_loops]
+    last = sch.get(sch.get_loops(divide)[-1])
+    assert last.kind == tirx.ForKind.VECTORIZED and int(last.extent) == 4
+
+
 def upsample(low, factor: int = 2):
     """The gradient filter's upsampling (passes/gradient_filter.py): each value copied to a
     factor x factor block, as a reshape and broadcast."""
