@@ -41,9 +41,10 @@ not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed
    stores that padded copy de-interleaved, ``[..., w % s, w // s]``, so the row reads it
    contiguously; a relayout copy would hold it once per tap.
    Elementwise consumers that cover the whole output are inlined into the write-back. Where
-   the two largest inputs both exceed the cache (weight-gradient matmuls), the outermost
-   reduction axis is split into blocks that a few parallel chunks walk in turn, accumulating
-   in the output, so that a chunk rereads each block from cache.
+   the two largest inputs both exceed the cache (weight-gradient matmuls), the reduction is
+   split into blocks (along its outermost axis that a block can split) that one parallel
+   chunk of tiles per core walks in turn, accumulating in the output; inside a block, each
+   of the chunk's tiles rereads the block's inputs from cache.
 3. Other reduction blocks (pooling, sums, depthwise convs) are vectorized along a unit-stride
    axis, read off the flattened buffer indices:
 
@@ -86,6 +87,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import psutil
 import tvm
 from tvm import s_tir, tirx
 from tvm.sym.pattern import detect_linear_equation
@@ -123,8 +125,6 @@ SCATTER_LOADS = 12
 CACHED_ELEMENTS = 1 << 18
 #: Input elements one register tile streams per block of a split reduction (64 KiB of float32).
 REDUCTION_BLOCK_ELEMENTS = 1 << 14
-#: Parallel chunks of a split reduction: few, so that each chunk's blocks stay in its cache.
-SPLIT_PARALLEL_CHUNKS = 4
 
 
 def _stride(region: tvm.ir.TensorRegion, var: tirx.Var) -> int | None:
@@ -282,16 +282,18 @@ def _picking(positions: list[int], ndim: int) -> tirx.IndexMap:
 class _Scheduler:
     """The default schedule of one PrimFunc, built block by block on trial copies."""
 
-    def __init__(self, func: tirx.PrimFunc, lanes: int) -> None:
+    def __init__(self, func: tirx.PrimFunc, lanes: int, cores: int) -> None:
         self.sch = s_tir.Schedule(func)
         self.lanes = lanes
+        self.cores = cores
 
     def run(self) -> tirx.PrimFunc:
         progress = True
         while progress:  # inline until nothing more inlines
             progress = any(self.attempt(_inline, name) for name in self.block_names())
         for name in self.block_names():
-            self.attempt(lambda sch, block: _schedule_block(sch, block, self.lanes), name)
+            self.attempt(lambda sch, block: _schedule_block(sch, block, self.lanes,
+                                                                 self.cores), name)
         return self.sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
 
     def block_names(self) -> list[str]:
@@ -311,7 +313,7 @@ class _Scheduler:
         return changed is not False
 
 
-def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
+def _schedule_block(sch: s_tir.Schedule, block, lanes: int, cores: int) -> None:
     axes = _axes(sch, block)
     if axes is None:
         return
@@ -325,7 +327,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     stmt = sch.get(block)
     plan = _tile_plan(stmt, spatial, lanes)
     if plan is not None:
-        _register_tile(sch, block, spatial, reduce, plan, lanes)
+        _register_tile(sch, block, spatial, reduce, plan, lanes, cores)
         return
     window = _window(stmt, spatial, reduce)
     if window is not None:
@@ -497,7 +499,7 @@ def _point_tiles(free: list[_Axis], budget: int):
 
 
 def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axis],
-                   plan: _TilePlan, lanes: int) -> None:
+                   plan: _TilePlan, lanes: int, cores: int) -> None:
     """Compute the tile (``plan.tiles`` x ``plan.vectors`` vectors) in a local accumulator
     buffer inside the reduction loops: spatial tile loops outside (parallel), then the
     reduction loops, then the unrolled vectors and tile loops and the vector lanes. The
@@ -531,19 +533,28 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     reduce_loops = [a.loop for a in reduce]
     work = math.prod(a.extent for a in [*spatial, *reduce])
     if split is not None:
-        # One parallel region (a few chunks, each walking the reduction blocks in turn): a
-        # parallel loop inside the blocks would synchronise the threads once per block, which
-        # is slow when other processes share the cores.
-        parallel = _leading(sch, outer, SPLIT_PARALLEL_CHUNKS)
-        blocks, reduce_loops[0] = sch.split(reduce_loops[0], [None, split])
-        outer.insert(parallel, blocks)
+        # One parallel region, a chunk of tiles per core, each walking the reduction blocks
+        # in turn (a parallel loop inside the blocks would synchronise the threads once per
+        # block, which is slow when other processes share the cores). Inside a block, all
+        # the chunk's tiles run, reusing the block's slab of the inputs from cache.
+        axis, size = split
+        parallel = _leading(sch, outer, cores)
+        chunks = math.prod(int(sch.get(loop).extent) for loop in outer[:parallel - 1])
+        last = int(sch.get(outer[parallel - 1]).extent)
+        keep = next((d for d in range(1, last + 1) if last % d == 0 and chunks * d >= cores),
+                    last)
+        if keep < last:
+            outer[parallel - 1:parallel] = sch.split(outer[parallel - 1], [keep, None])
+        blocks, reduce_loops[axis] = sch.split(reduce_loops[axis], [None, size])
+        outer[parallel:parallel] = [*reduce_loops[:axis], blocks]
+        del reduce_loops[:axis]
     sch.reorder(*outer, *reduce_loops, *tile_loops, lane)
     sch.vectorize(lane)
     for loop in tile_loops:
         sch.unroll(loop)
     if split is not None:  # the initialisation keeps the tile's loops and their annotations
-        _parallelize(sch, outer[:parallel], work, SPLIT_PARALLEL_CHUNKS)
-        sch.decompose_reduction(block, blocks)
+        _parallelize(sch, outer[:parallel], work, cores)
+        sch.decompose_reduction(block, outer[parallel])
         return
     _fuse_consumers(sch, accumulators)
     sch.reverse_compute_at(accumulators, outer[-1])
@@ -572,19 +583,24 @@ def _accumulators(sch: s_tir.Schedule, block, vector: tirx.Var, contiguous: bool
     return sch.reindex_cache_write(block, 0, "local", _picking(order, len(iters)))
 
 
-def _reduction_block(block: s_tir.SBlock, reduce: list[_Axis], plan: _TilePlan) -> int | None:
+def _reduction_block(block: s_tir.SBlock, reduce: list[_Axis], plan: _TilePlan
+                     ) -> tuple[int, int] | None:
     """Where the two largest inputs both exceed the cache (weight gradients, the gradient
-    filter's matmuls: every tile would stream both from memory), the extent of the inner part
-    of the outermost reduction axis that keeps a tile's inputs per block within
-    ``REDUCTION_BLOCK_ELEMENTS``; else None."""
+    filter's matmuls: every tile would stream both from memory), the reduction axis to split
+    into blocks and the inner extent of its split: the outermost axis that a block of
+    ``REDUCTION_BLOCK_ELEMENTS`` of a tile's inputs can split, as large as that allows (an
+    image of 60x80 pixels is split into rows). None if no split is needed."""
     sizes = sorted((math.prod(int(d) for d in r.source.shape) for r in block.reads), reverse=True)
     if len(sizes) < 2 or sizes[1] <= CACHED_ELEMENTS:
         return None
-    step = (plan.points + plan.vectors * plan.factor) * math.prod(a.extent for a in reduce[1:])
-    split = max((d for d in range(1, reduce[0].extent + 1)
-                 if reduce[0].extent % d == 0 and d * step <= REDUCTION_BLOCK_ELEMENTS),
-                default=1)
-    return split if split < reduce[0].extent else None
+    for k, axis in enumerate(reduce):
+        step = (plan.points + plan.vectors * plan.factor) * \
+            math.prod(a.extent for a in reduce[k + 1:])
+        split = max((d for d in range(1, axis.extent + 1)
+                     if axis.extent % d == 0 and d * step <= REDUCTION_BLOCK_ELEMENTS), default=0)
+        if split:
+            return None if k == 0 and split == axis.extent else (k, split)
+    return None
 
 
 def _fuse_consumers(sch: s_tir.Schedule, block) -> None:
@@ -904,9 +920,15 @@ def vector_lanes(target: tvm.target.Target) -> int:
     return max(4, tvm.target.codegen.llvm_get_vector_width(target) // 32)
 
 
+def target_cores(target: tvm.target.Target) -> int:
+    """The cores that ``target``'s kernels run on: its ``num-cores`` (the Raspberry Pi 4's
+    tag says 4), else this machine's physical cores (``host``)."""
+    return int(target.attrs.get("num-cores", 0)) or psutil.cpu_count(logical=False) or 1
+
+
 def schedule_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     """``func`` with the default CPU schedule for ``target``."""
-    return _Scheduler(func, vector_lanes(target)).run()
+    return _Scheduler(func, vector_lanes(target), target_cores(target)).run()
 
 
 @tvm.transform.module_pass(opt_level=0, name="DefaultCPUSchedule")

@@ -128,21 +128,45 @@ def test_conv_register_tile():
 
 
 def test_large_reduction_is_split_outside_the_tile():
-    """Both matmul inputs exceed the cache: the reduction is split, its blocks walked inside
-    the first few (parallel) tile loops, so that each chunk rereads a block of both inputs
-    from cache; the tile accumulates in the output."""
+    """Both matmul inputs exceed the cache: the reduction is split into blocks, which one
+    parallel chunk of tiles per core (the Cortex-A72 has 4) walks in turn, all of the chunk's
+    tiles inside each block, so that they reread the block of both inputs from cache; the
+    tile accumulates in the output."""
     before = only_kernel(kernels(lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)))
     sch = s_tir.Schedule(before)
     matmul = sch.get_sblock("matmul")
     i, j, k = sch.get_loops(matmul)
     i_outer, i_inner = sch.split(i, [None, 16])
     j_outer, j_inner = sch.split(j, [None, 4])
+    j_chunk, j_rest = sch.split(j_outer, [2, None])  # 2 x 2 chunks for 4 cores
     k_outer, k_inner = sch.split(k, [None, 768])  # (16 + 4) x 768 elements within 64 KiB
-    sch.reorder(i_outer, j_outer, k_outer, k_inner, i_inner, j_inner)  # 2 x 8 >= 4 chunks
+    sch.reorder(i_outer, j_chunk, k_outer, j_rest, k_inner, i_inner, j_inner)
     sch.vectorize(j_inner)
     sch.unroll(i_inner)
-    sch.parallel(sch.fuse(i_outer, j_outer))
+    sch.parallel(sch.fuse(i_outer, j_chunk))
     sch.decompose_reduction(matmul, k_outer)
+    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+
+
+def test_split_reduction_blocks_an_inner_axis():
+    """Where even one step of the outermost reduction axis (an image of the batch) holds more
+    than a block, the blocks split the next axis: the gradient filter's weight gradient sums
+    over images and pixels, and its blocks are rows of one image."""
+    before = only_kernel(kernels(lambda a, b: relax.op.einsum((a, b), "ako,aki->oi"),
+                                 (4, 2304, 32), (4, 2304, 32)))
+    sch = s_tir.Schedule(before)
+    einsum = sch.get_sblock("T_einsum")
+    o, i, a, k = sch.get_loops(einsum)
+    o_outer, o_inner = sch.split(o, [None, 16])
+    i_outer, i_inner = sch.split(i, [None, 4])
+    i_chunk, i_rest = sch.split(i_outer, [2, None])
+    k_outer, k_inner = sch.split(k, [None, 768])  # (16 + 4) x 768 within 64 KiB; 2304 is not
+    sch.reorder(o_outer, i_chunk, a, k_outer, i_rest, k_inner, o_inner, i_inner)
+    sch.vectorize(i_inner)
+    sch.unroll(o_inner)
+    sch.parallel(sch.fuse(o_outer, i_chunk))
+    sch.decompose_reduction(einsum, a)
     expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
