@@ -34,8 +34,8 @@
         backward vs PyTorch's oneDNN exact backward (grad_x + grad_w) vs PyTorch-eager
         gradient filtering, and the roofline floor of the filtered backward: the larger of
         its memory-traffic floor (its inputs gy, x_sum and W read, grad_x and grad_w written,
-        at the copy bandwidth measured in the run; tensors that stay in cache between the
-        timed runs can beat it) and its compute floor (its FLOPs, filtered_backward_flops, at
+        at the speed of a copy of as many bytes, timed like the backward on buffers reused
+        between runs, so from cache where they fit: copy_GBps) and its compute floor (its FLOPs, filtered_backward_flops, at
         the fp32 peak measured in the run: fma_peak_rate, multiply-adds in registers only).
         bp/floor is the speedup over oneDNN's backward that the floor
         allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
@@ -415,12 +415,20 @@ def eager_filtered_backward(gy, x_sum, w, patch):
     return grad_x, grad_w
 
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a large tensor copy (read + write)."""
+def copy_bandwidth(nbytes: int) -> float:
+    """Bytes per second of a tensor copy that moves ``nbytes`` (half read, half written),
+    repeated on the same buffers as the timed backward is, so a working set that fits in cache
+    is copied from cache; the fastest of 10 runs a tenth of a second apart (other tenants of
+    this machine share its memory bandwidth, and a floor is what the machine can do)."""
     import torch
 
-    src, dst = torch.ones(64 << 20), torch.empty(64 << 20)
-    return 2 * src.numel() * 4 / (median_ms(lambda: dst.copy_(src), 5) / 1e3)
+    src = torch.ones(max(1, nbytes // 8))
+    dst = torch.empty_like(src)
+    fastest = math.inf
+    for _ in range(10):
+        fastest = min(fastest, median_ms(lambda: dst.copy_(src), 1))
+        time.sleep(0.1)
+    return 2 * src.numel() * 4 / (fastest / 1e3)
 
 
 def fma_peak_kernel(chunks: int, lanes: int, vectors: int, steps: int):
@@ -478,7 +486,7 @@ def fma_peak_rate(threads: int, steps: int = 1 << 14) -> float:
 
 
 LAYER_COLUMNS = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms",
-                 "traffic_floor_ms", "compute_floor_ms", "floor_ms", "bp/gf", "eager/gf",
+                 "copy_GBps", "traffic_floor_ms", "compute_floor_ms", "floor_ms", "bp/gf", "eager/gf",
                  "gf/floor", "bp/floor"]
 
 
@@ -491,15 +499,20 @@ def roofline_floor_ms(traffic_bytes: int, flops: int, bandwidth: float, flops_ra
 
 
 def bench_layers(args: argparse.Namespace) -> None:
+    # TVM and PyTorch share this process. TVM pins its worker threads to cores; PyTorch's
+    # OpenMP thread then competes with one of them, which cannot move: here the FMA peak
+    # measured 258-276 instead of 514-559 GFLOP/s, and GF and BP times varied with it. Left
+    # unpinned, the OS keeps the threads apart. (Read when TVM's thread pool starts.)
+    os.environ["TVM_BIND_THREADS"] = "0"
     import numpy as np
     import torch
     import tvm
 
     from gftvm.passes.gradient_filter import ConvGeometry
 
-    bandwidth, flops_rate = copy_bandwidth(), fma_peak_rate(args.threads)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s")
+    flops_rate = fma_peak_rate(args.threads)
+    print(f"fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s; traffic floors at the speed of a copy "
+          f"of the same bytes (copy_GBps)")
     widths = [max(8, len(h)) for h in LAYER_COLUMNS]
     print(" ".join(f"{h:>{width}}" for h, width in zip(LAYER_COLUMNS, widths)))
     rows = []
@@ -521,18 +534,20 @@ def bench_layers(args: argparse.Namespace) -> None:
             gf = median_ms(lambda: backward(*inputs), args.repeat)
             eager = median_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
                               args.repeat)
+            traffic_bytes = filtered_backward_bytes(layer)
+            bandwidth = copy_bandwidth(traffic_bytes)
             traffic, compute, floor = roofline_floor_ms(
-                filtered_backward_bytes(layer), sum(filtered_backward_flops(layer).values()),
-                bandwidth, flops_rate)
-            values = [c, h, w, patch, gf, torch_bp, eager, traffic, compute, floor,
-                      torch_bp / gf, eager / gf, gf / floor, torch_bp / floor]
+                traffic_bytes, sum(filtered_backward_flops(layer).values()), bandwidth,
+                flops_rate)
+            values = [c, h, w, patch, gf, torch_bp, eager, bandwidth / 1e9, traffic, compute,
+                      floor, torch_bp / gf, eager / gf, gf / floor, torch_bp / floor]
             rows.append(dict(zip(LAYER_COLUMNS, values)))
             print(" ".join(f"{v:>{width}.2f}" if isinstance(v, float) else f"{v:>{width}}"
                            for v, width in zip(values, widths)), flush=True)
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
-        f.write(f"# {machine_description(args)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-                f"fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s\n")
+        f.write(f"# {machine_description(args)}; fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s; "
+                f"traffic floors at the speed of a copy of the same bytes\n")
         writer = csv.DictWriter(f, LAYER_COLUMNS)
         writer.writeheader()
         writer.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}

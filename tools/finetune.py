@@ -33,6 +33,9 @@ import gftvm
 from gftvm import data, models
 
 SPLIT_SEED = 0   # the partitions are the same for every run; --seed varies init and order
+# PyTorch pretrains in this process first; TVM's pool, started later, would pin a worker to
+# the core where PyTorch's OpenMP thread runs (see tools/bench.py, bench_layers).
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
