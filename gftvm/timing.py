@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable
 
 
-def median_ms(run: Callable[[], object], repeat: int, warmup: int = 2) -> float:
-    """Median wall time of ``run()`` in milliseconds over ``repeat`` runs, after ``warmup``."""
+def median_ms(run: Callable[[], object], repeat: int, warmup: int = 2,
+              min_seconds: float = 0.0) -> float:
+    """Median wall time of ``run()`` in milliseconds over ``repeat`` runs after ``warmup``, or
+    over as many runs as take ``min_seconds`` (judged by the first run) when that is more: a
+    few runs of a short call measure a moment of a shared machine, not its speed."""
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(repeat):
+    times: list[float] = []
+    while len(times) < repeat or sum(times) < min_seconds:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)

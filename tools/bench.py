@@ -490,18 +490,6 @@ LAYER_COLUMNS = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms"
                  "gf/floor", "bp/floor"]
 
 
-#: Least time a per-layer measurement runs for: ten runs of a small shape's 0.3 ms backward
-#: varied by 50 % between runs of the bench.
-LAYER_MIN_SECONDS = 0.5
-
-
-def layer_ms(run, repeat: int) -> float:
-    """Median time of ``run()`` (ms) over ``repeat`` runs, or over as many as take
-    ``LAYER_MIN_SECONDS`` when that is more."""
-    once = median_ms(run, 1)
-    return median_ms(run, max(repeat, math.ceil(LAYER_MIN_SECONDS / (once / 1e3))), warmup=0)
-
-
 def roofline_floor_ms(traffic_bytes: int, flops: int, bandwidth: float, flops_rate: float
                       ) -> tuple[float, float, float]:
     """(traffic floor, compute floor, floor) in ms: the time to move the bytes at
@@ -522,6 +510,8 @@ def bench_layers(args: argparse.Namespace) -> None:
 
     from gftvm.passes.gradient_filter import ConvGeometry
 
+    from bench_steps import MIN_SECONDS
+
     flops_rate = fma_peak_rate(args.threads)
     print(f"fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s; traffic floors at the speed of a copy "
           f"of the same bytes (copy_GBps)")
@@ -534,18 +524,18 @@ def bench_layers(args: argparse.Namespace) -> None:
         x = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
         gy = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
         weight = torch.from_numpy(rng.normal(size=(c, c, 3, 3)).astype(np.float32))
-        torch_bp = layer_ms(lambda: torch.ops.aten.convolution_backward(
+        torch_bp = median_ms(lambda: torch.ops.aten.convolution_backward(
             gy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [True, True, False]), args.repeat)
+            [True, True, False]), args.repeat, min_seconds=MIN_SECONDS)
         for patch in args.patch:
             layer = ConvGeometry(patch, (n, c, h, w), (c, c, 3, 3), (n, c, h, w), (1, 1),
                                  (1, 1), 1)
             x_sum = torch.nn.functional.avg_pool2d(x, patch, patch, ceil_mode=True) * patch ** 2
             backward = compiled_filtered_backward(layer)
             inputs = [tvm.runtime.tensor(t.numpy()) for t in (gy, x_sum, weight)]
-            gf = layer_ms(lambda: backward(*inputs), args.repeat)
-            eager = layer_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
-                              args.repeat)
+            gf = median_ms(lambda: backward(*inputs), args.repeat, min_seconds=MIN_SECONDS)
+            eager = median_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
+                              args.repeat, min_seconds=MIN_SECONDS)
             traffic_bytes = filtered_backward_bytes(layer)
             bandwidth = copy_bandwidth(traffic_bytes)
             traffic, compute, floor = roofline_floor_ms(
