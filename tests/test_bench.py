@@ -151,3 +151,16 @@ def test_fma_peak_kernel_does_every_multiply_add():
         expected = expected * np.float32(0.999) + np.float32(0.001)
     np.testing.assert_allclose(a.numpy(), expected, rtol=1e-6)
     assert estimate_tir_flops(tvm.IRModule({"main": kernel})) == 2 * 2 * 4 * 3 * 5
+
+
+def test_median_ms_runs_for_at_least_min_seconds():
+    """A short call is repeated until the runs take ``min_seconds``, beyond ``repeat``; a long
+    one stops at ``repeat``."""
+    from gftvm.timing import median_ms
+
+    calls = []
+    median_ms(lambda: calls.append(None), 3, warmup=0, min_seconds=0.02)
+    assert len(calls) > 100
+    calls.clear()
+    median_ms(lambda: calls.append(None), 3, warmup=0)
+    assert len(calls) == 3
