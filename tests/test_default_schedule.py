@@ -127,26 +127,35 @@ def test_conv_register_tile():
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
 
+def split_reduction_tile(before: tirx.PrimFunc, block_name: str) -> tirx.PrimFunc:
+    """The split-reduction register tile expected on NEON for a block over (row, column,
+    *outer reductions, k): 16 rows x one vector of 4 columns, 2 x 2 parallel chunks for the
+    Cortex-A72's 4 cores, k split by 768 ((16 + 4) x 768 elements within 64 KiB), the chunk's
+    other tiles inside each block."""
+    sch = s_tir.Schedule(before)
+    block = sch.get_sblock(block_name)
+    row, col, *outer_reduce, k = sch.get_loops(block)
+    row_outer, row_inner = sch.split(row, [None, 16])
+    col_outer, col_inner = sch.split(col, [None, 4])
+    col_chunk, col_rest = sch.split(col_outer, [2, None])
+    k_outer, k_inner = sch.split(k, [None, 768])
+    sch.reorder(row_outer, col_chunk, *outer_reduce, k_outer, col_rest, k_inner, row_inner,
+                col_inner)
+    sch.vectorize(col_inner)
+    sch.unroll(row_inner)
+    sch.parallel(sch.fuse(row_outer, col_chunk))
+    sch.decompose_reduction(block, [*outer_reduce, k_outer][0])
+    return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+
+
 def test_large_reduction_is_split_outside_the_tile():
     """Both matmul inputs exceed the cache: the reduction is split into blocks, which one
-    parallel chunk of tiles per core (the Cortex-A72 has 4) walks in turn, all of the chunk's
-    tiles inside each block, so that they reread the block of both inputs from cache; the
-    tile accumulates in the output."""
+    parallel chunk of tiles per core walks in turn, all of the chunk's tiles inside each
+    block, so that they reread the block of both inputs from cache; the tile accumulates in
+    the output."""
     before = only_kernel(kernels(lambda a, b: relax.op.matmul(a, b), (32, 9216), (9216, 32)))
-    sch = s_tir.Schedule(before)
-    matmul = sch.get_sblock("matmul")
-    i, j, k = sch.get_loops(matmul)
-    i_outer, i_inner = sch.split(i, [None, 16])
-    j_outer, j_inner = sch.split(j, [None, 4])
-    j_chunk, j_rest = sch.split(j_outer, [2, None])  # 2 x 2 chunks for 4 cores
-    k_outer, k_inner = sch.split(k, [None, 768])  # (16 + 4) x 768 elements within 64 KiB
-    sch.reorder(i_outer, j_chunk, k_outer, j_rest, k_inner, i_inner, j_inner)
-    sch.vectorize(j_inner)
-    sch.unroll(i_inner)
-    sch.parallel(sch.fuse(i_outer, j_chunk))
-    sch.decompose_reduction(matmul, k_outer)
-    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
-    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON),
+                                   split_reduction_tile(before, "matmul"))
 
 
 def test_split_reduction_blocks_an_inner_axis():
@@ -155,20 +164,8 @@ def test_split_reduction_blocks_an_inner_axis():
     over images and pixels, and its blocks are rows of one image."""
     before = only_kernel(kernels(lambda a, b: relax.op.einsum((a, b), "ako,aki->oi"),
                                  (4, 2304, 32), (4, 2304, 32)))
-    sch = s_tir.Schedule(before)
-    einsum = sch.get_sblock("T_einsum")
-    o, i, a, k = sch.get_loops(einsum)
-    o_outer, o_inner = sch.split(o, [None, 16])
-    i_outer, i_inner = sch.split(i, [None, 4])
-    i_chunk, i_rest = sch.split(i_outer, [2, None])
-    k_outer, k_inner = sch.split(k, [None, 768])  # (16 + 4) x 768 within 64 KiB; 2304 is not
-    sch.reorder(o_outer, i_chunk, a, k_outer, i_rest, k_inner, o_inner, i_inner)
-    sch.vectorize(i_inner)
-    sch.unroll(o_inner)
-    sch.parallel(sch.fuse(o_outer, i_chunk))
-    sch.decompose_reduction(einsum, a)
-    expected = sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
-    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
+    tvm.ir.assert_structural_equal(schedule_kernel(before, NEON),
+                                   split_reduction_tile(before, "T_einsum"))
 
 
 def test_reduction_over_contiguous_axis_is_rfactored():
