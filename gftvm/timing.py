@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 def median_ms(run: Callable[[], object], repeat: int, warmup: int = 2,
               min_seconds: float = 0.0) -> float:
-    """Median wall time of ``run()`` in milliseconds over ``repeat`` runs after ``warmup``, or
-    over as many runs as take ``min_seconds`` (judged by the first run) when that is more: a
-    few runs of a short call measure a moment of a shared machine, not its speed."""
+    """Median wall time of ``run()`` in milliseconds over ``repeat`` runs after ``warmup``,
+    continued until the runs have taken ``min_seconds`` in all: a few runs of a short call
+    measure a moment of a shared machine, not its speed."""
     for _ in range(warmup):
         run()
     times: list[float] = []

@@ -292,8 +292,8 @@ class _Scheduler:
         while progress:  # inline until nothing more inlines
             progress = any(self.attempt(_inline, name) for name in self.block_names())
         for name in self.block_names():
-            self.attempt(lambda sch, block: _schedule_block(sch, block, self.lanes,
-                                                                 self.cores), name)
+            self.attempt(
+                lambda sch, block: _schedule_block(sch, block, self.lanes, self.cores), name)
         return self.sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
 
     def block_names(self) -> list[str]:
@@ -504,9 +504,9 @@ def _register_tile(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: lis
     buffer inside the reduction loops: spatial tile loops outside (parallel), then the
     reduction loops, then the unrolled vectors and tile loops and the vector lanes. The
     accumulators are initialised before and written back (with fused elementwise consumers)
-    after the reduction loops. Where the reduction is split
-    (:func:`_reduction_block`), its blocks run inside the first few (parallel) tile loops and
-    the tile accumulates in the output."""
+    after the reduction loops. Where the reduction is split (:func:`_reduction_block`), its
+    blocks run inside a parallel loop of one chunk of tiles per core, the chunk's other tile
+    loops inside each block, and the tile accumulates in the output."""
     stmt = sch.get(block)
     # The loops over the largest input go outermost, so that it is read once and the smaller
     # inputs are reread from cache (a weight slab by every image of the batch, or an image by
@@ -656,6 +656,7 @@ def _window_rows(sch: s_tir.Schedule, block, spatial: list[_Axis], rx: _Axis,
             row[0:W] = 0
             for ry:  for w (vector):  row[w] += x[n, c, s p + ry, w]
             for q, rx:  y[n, c, p, q] += row[s q + rx]
+            for q (vector):  avg[n, c, p, q] = y[n, c, p, q] / count   # an average's
     """
     row = sch.rfactor(rx.loop, factor_axis=len(sch.get(block).writes[0].source.shape))
     sch.set_scope(row, 0, "local")  # one row per thread, on its stack

@@ -35,8 +35,9 @@
         gradient filtering, and the roofline floor of the filtered backward: the larger of
         its memory-traffic floor (its inputs gy, x_sum and W read, grad_x and grad_w written,
         at the speed of a copy of as many bytes, timed like the backward on buffers reused
-        between runs, so from cache where they fit: copy_GBps) and its compute floor (its FLOPs, filtered_backward_flops, at
-        the fp32 peak measured in the run: fma_peak_rate, multiply-adds in registers only).
+        between runs, so from cache where they fit: copy_GBps) and its compute floor (its
+        FLOPs, filtered_backward_flops, at the fp32 peak measured in the run: fma_peak_rate,
+        multiply-adds in registers only).
         bp/floor is the speedup over oneDNN's backward that the floor
         allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
         machine can reach that goal
@@ -486,8 +487,8 @@ def fma_peak_rate(threads: int, steps: int = 1 << 14) -> float:
 
 
 LAYER_COLUMNS = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms",
-                 "copy_GBps", "traffic_floor_ms", "compute_floor_ms", "floor_ms", "bp/gf", "eager/gf",
-                 "gf/floor", "bp/floor"]
+                 "copy_GBps", "traffic_floor_ms", "compute_floor_ms", "floor_ms", "bp/gf",
+                 "eager/gf", "gf/floor", "bp/floor"]
 
 
 def roofline_floor_ms(traffic_bytes: int, flops: int, bandwidth: float, flops_rate: float
