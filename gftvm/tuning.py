@@ -21,14 +21,13 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import psutil
 import tvm
 from tvm import relax, s_tir
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from .errors import ConfigError
-from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel
+from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel, target_cores
 from .passes.hoist_updates import HoistStateUpdates
 from .passes.inplace_update import InPlaceStateUpdate
 from .targets import AARCH64_CXX, TargetSpec
@@ -44,7 +43,7 @@ def tuning_target(spec: TargetSpec) -> tvm.target.Target:
     target = spec.tvm_target()
     if "num-cores" in target.attrs:
         return target
-    return tvm.target.Target({**target.export(), "num-cores": psutil.cpu_count(logical=False)})
+    return tvm.target.Target({**target.export(), "num-cores": target_cores(target)})
 
 
 def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:

@@ -603,16 +603,23 @@ def _reduction_block(block: s_tir.SBlock, reduce: list[_Axis], plan: _TilePlan
     return None
 
 
+def _whole_output_consumer(sch: s_tir.Schedule, block):
+    """The block's only consumer if it runs over the block's whole output (an elementwise
+    epilogue: TVM would inline or place a slice of a smaller one, out of bounds), else None."""
+    consumers = sch.get_consumers(block)
+    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
+    if len(consumers) == 1 and \
+            [int(iv.dom.extent) for iv in sch.get(consumers[0]).iter_vars] == shape:
+        return consumers[0]
+    return None
+
+
 def _fuse_consumers(sch: s_tir.Schedule, block) -> None:
     """Inline the elementwise consumers of ``block`` (bias, batch norm, activation) into it,
-    while they inline. A consumer must run over the block's whole output (TVM would inline a
-    slice of it, writing out of bounds)."""
-    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
-    while len(consumers := sch.get_consumers(block)) == 1:
-        if [int(iv.dom.extent) for iv in sch.get(consumers[0]).iter_vars] != shape:
-            return
+    while they inline (:func:`_whole_output_consumer`)."""
+    while (consumer := _whole_output_consumer(sch, block)) is not None:
         try:
-            sch.reverse_compute_inline(consumers[0])
+            sch.reverse_compute_inline(consumer)
         except s_tir.schedule.ScheduleError:
             return
 
@@ -674,12 +681,9 @@ def _window_rows(sch: s_tir.Schedule, block, spatial: list[_Axis], rx: _Axis,
     sch.decompose_reduction(row, sums[0])
     # The average's division (an elementwise consumer) follows each output row, so that the
     # sums stay in cache instead of making a round trip through memory.
-    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
-    consumers = sch.get_consumers(block)
-    if len(consumers) == 1 and \
-            [int(iv.dom.extent) for iv in sch.get(consumers[0]).iter_vars] == shape:
-        sch.reverse_compute_at(consumers[0], spatial[-2].loop)
-        last = sch.get_loops(consumers[0])[-1]
+    if (consumer := _whole_output_consumer(sch, block)) is not None:
+        sch.reverse_compute_at(consumer, spatial[-2].loop)
+        last = sch.get_loops(consumer)[-1]
         _vectorize(sch, last, int(sch.get(last).extent), lanes)
 
 

@@ -416,20 +416,27 @@ def eager_filtered_backward(gy, x_sum, w, patch):
     return grad_x, grad_w
 
 
+def fastest_seconds(measure, runs: int = 10, gap: float = 0.1) -> float:
+    """The least of ``runs`` calls of ``measure()`` (seconds), ``gap`` seconds apart: a peak or
+    a floor is what the machine can do, and other tenants of this shared machine take a core
+    or memory bandwidth for moments (one short window measured half the FMA peak)."""
+    fastest = math.inf
+    for _ in range(runs):
+        fastest = min(fastest, measure())
+        time.sleep(gap)
+    return fastest
+
+
 def copy_bandwidth(nbytes: int) -> float:
     """Bytes per second of a tensor copy that moves ``nbytes`` (half read, half written),
     repeated on the same buffers as the timed backward is, so a working set that fits in cache
-    is copied from cache; the fastest of 10 runs a tenth of a second apart (other tenants of
-    this machine share its memory bandwidth, and a floor is what the machine can do)."""
+    is copied from cache (:func:`fastest_seconds`)."""
     import torch
 
     src = torch.ones(max(1, nbytes // 8))
     dst = torch.empty_like(src)
-    fastest = math.inf
-    for _ in range(10):
-        fastest = min(fastest, median_ms(lambda: dst.copy_(src), 1))
-        time.sleep(0.1)
-    return 2 * src.numel() * 4 / (fastest / 1e3)
+    seconds = fastest_seconds(lambda: median_ms(lambda: dst.copy_(src), 1) / 1e3)
+    return 2 * src.numel() * 4 / seconds
 
 
 def fma_peak_kernel(chunks: int, lanes: int, vectors: int, steps: int):
@@ -464,8 +471,7 @@ def fma_peak_rate(threads: int, steps: int = 1 << 14) -> float:
     :func:`fma_peak_kernel` compiled by TVM for the host target at LLVM's vector width, 24
     vectors per chunk (enough independent FMAs to cover their latency), 8 chunks per thread
     (with exactly one per thread, TVM's pool ran both on one core here after
-    ``torch.set_num_threads``), fastest of 10 runs a tenth of a second apart (a peak measured
-    in one short window halved whenever another tenant held a core of this shared machine)."""
+    ``torch.set_num_threads``), :func:`fastest_seconds`."""
     import numpy as np
     import tvm
 
@@ -479,11 +485,7 @@ def fma_peak_rate(threads: int, steps: int = 1 << 14) -> float:
                           target)
     a = tvm.runtime.tensor(np.ones((chunks, lanes * vectors), "float32"))
     timer = library.mod.time_evaluator("main", tvm.cpu(), number=3)
-    seconds = []
-    for _ in range(10):
-        seconds.append(timer(a).min)
-        time.sleep(0.1)
-    return 2 * chunks * lanes * vectors * steps / min(seconds)
+    return 2 * chunks * lanes * vectors * steps / fastest_seconds(lambda: timer(a).min)
 
 
 LAYER_COLUMNS = ["C", "H", "W", "R", "gftvm_gf_ms", "torch_bp_ms", "eager_gf_ms",
