@@ -2,6 +2,7 @@
 unscheduled kernels, for every kind of kernel a train step has."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from gftvm.passes.default_schedule import SCHEDULED_ATTR, DefaultCPUSchedule, sc
 
 #: Cortex-A72: 128-bit NEON, so 4 float lanes on every build machine.
 NEON = targets.get("cortex-a72").tvm_target()
-HOST = targets.get("host").tvm_target()
+#: This machine's CPU with two cores, as CI has: the core count decides how split reductions
+#: and weight slabs run in parallel.
+HOST = tvm.target.Target({**targets.get("host").tvm_target().export(), "num-cores": 2})
 
 
 def kernels(build, *shapes) -> tvm.IRModule:
@@ -191,6 +194,33 @@ def test_small_map_weight_copied_in_vector_blocks():
     *_, read, lane = [sch.get(loop) for loop in sch.get_loops(copies[0])]
     assert (read.kind, int(read.extent)) == (tirx.ForKind.UNROLLED, 4)
     assert (lane.kind, int(lane.extent)) == (tirx.ForKind.VECTORIZED, 4)
+
+
+def test_large_weight_copied_slab_by_slab():
+    """A 3x3 conv with 512 output channels on a 2x2 map (NEON: 4 lanes, 4 cores): the tile's
+    vectors run over output channels, and the weight, the largest input, is copied in blocks
+    of them. The parallel loop runs over those blocks alone, and each iteration copies the one
+    block that its tiles read, just before them: the copy is a slab that stays in cache (the
+    buffer shrinks to one block when lowered), not the whole weight written to memory and
+    read back."""
+    scheduled = schedule_kernel(only_kernel(kernels(*CASES["conv_weight_slabs"][:1],
+                                                    *CASES["conv_weight_slabs"][1:])), NEON)
+    sch = s_tir.Schedule(scheduled)
+    blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    (copy,) = [b for b in blocks if sch.get(b).name_hint.endswith("_global")]
+    (tile,) = [b for b in blocks if sch.get(b).name_hint.endswith("_update")]
+    chunk = sch.get(sch.get_loops(copy)[0])
+    assert chunk.same_as(sch.get(sch.get_loops(tile)[0]))
+    assert (chunk.kind, int(chunk.extent)) == (tirx.ForKind.PARALLEL, 512 // 8)
+    *_, read, lane = [sch.get(loop) for loop in sch.get_loops(copy)]
+    assert (read.kind, lane.kind) == (tirx.ForKind.UNROLLED, tirx.ForKind.VECTORIZED)
+    lowered = tvm.transform.Sequential([
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.CompactBufferAllocation()])(tvm.IRModule({"main": scheduled}))
+    (allocation,) = [line for line in lowered.script().splitlines()
+                     if "_global = T.sblock_alloc_buffer" in line]
+    assert [int(d) for d in re.findall(r"T\.int64\((\d+)\)", allocation)] == [1, 16, 3, 3, 8]
 
 
 def test_long_reduction_tiles_channels_not_the_row():
@@ -401,6 +431,8 @@ CASES = {
                   (8, 16, 8, 8), (16, 1, 3, 3)),
     "conv_on_1x1_map": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1),
                         (8, 64, 1, 1), (64, 64, 3, 3)),
+    "conv_weight_slabs": (lambda x, w: relax.op.nn.conv2d(x, w, padding=1),
+                          (2, 16, 2, 2), (512, 16, 3, 3)),
     "pointwise_2x2": (lambda x, w: relax.op.nn.conv2d(x, w), (8, 64, 2, 2), (128, 64, 1, 1)),
     "conv_transpose": (lambda x, w: relax.op.nn.conv2d_transpose(x, w, padding=1),
                        (8, 16, 8, 8), (16, 8, 3, 3)),
