@@ -164,3 +164,22 @@ def test_median_ms_runs_for_at_least_min_seconds():
     calls.clear()
     median_ms(lambda: calls.append(None), 3, warmup=0)
     assert len(calls) == 3
+
+
+def test_steps_are_timed_in_interleaved_rounds(monkeypatch):
+    """Every variant is timed once per round, all of them in turn before the next round; the
+    median round counts, peak memory comes from the first, and the naive-loop reference is
+    timed in the first round only."""
+    order = []
+    times = {"bp": iter([5.0, 1.0, 3.0]), "gf": iter([2.0, 9.0, 4.0]), "naive": iter([7.0])}
+
+    def measure(args, variant):
+        order.append(variant)
+        return {"ms": next(times[variant]), "peak_mib": 10.0 * len(order)}
+    monkeypatch.setattr(bench_cli, "measure", measure)
+    args = bench_cli.argparse.Namespace(rounds=3)
+    results = bench_cli.measure_rounds(args, {"bp": "bp", "gf": "gf", "naive": "naive"},
+                                       once={"naive"})
+    assert order == ["bp", "gf", "naive", "bp", "gf", "bp", "gf"]
+    assert results == {"bp": {"ms": 3.0, "peak_mib": 10.0}, "gf": {"ms": 4.0, "peak_mib": 20.0},
+                       "naive": {"ms": 7.0, "peak_mib": 30.0}}

@@ -15,7 +15,10 @@
         2 x fwd+upd < torch BP), onnxruntime-training BP of the same
         model and trainable set (its artifacts train BN on batch statistics; "-" where the
         trainable set cannot be matched). SGD, momentum 0.9 (ORT: SGD). Every step is timed
-        alone in a fresh process, which also measures its peak memory (MiB): the peak
+        alone in a fresh process; a model's steps are all compiled first, then timed in turn
+        in --rounds rounds (default 3; naive: one), and the median round counts, so ratios
+        compare steps timed minutes apart at most. The first round also measures peak memory
+        (MiB): the peak
         resident memory that the first --memory-steps steps add over the loaded model,
         parameters and optimizer state (exactly: tools/bench_steps.py); gftvm's (tuned if it
         has records) is printed next to PyTorch's (same method), ORT's and gftvm's static
@@ -51,6 +54,7 @@ import itertools
 import math
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -82,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=10, help="timed runs (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="steps: interleaved rounds in which every variant is timed")
     parser.add_argument("--memory-steps", type=int, default=3,
                         help="steps, ort: first steps of each measured train step, counted "
                              "for peak memory and the timing's warm-up")
@@ -134,7 +140,8 @@ def bench_steps(args: argparse.Namespace) -> None:
           "expressible); ratios: over tuned gftvm (untuned if no record). Peak MiB: memory the "
           "first steps add at their peak over the loaded model (gftvm: tuned if it has records; "
           "torch: same method); plan: gftvm's saved context. Each step is timed and measured "
-          "alone in a fresh process (tools/bench_steps.py)")
+          f"alone in a fresh process (tools/bench_steps.py), all of a row group's in turn, "
+          f"in {args.rounds} rounds: the median round counts (naive: one round)")
     print(STEP_HEADER)
     rows = []
     for size, name, spec in itertools.product(args.image_size, args.models, args.train):
@@ -154,7 +161,10 @@ def bench_steps(args: argparse.Namespace) -> None:
 
 
 def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> list[dict]:
-    """The rows of one model and trainable set: BP, then GF for each --filter-patch."""
+    """The rows of one model and trainable set: BP, then GF for each --filter-patch. Every
+    variant is compiled first, then all are timed in ``--rounds`` interleaved rounds (each a
+    fresh process; the median round counts), so that the ratios compare steps measured under
+    the same machine conditions. TVM's naive loops, a reference only, are timed once."""
     import onnx
     import torch
 
@@ -162,7 +172,6 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
     from gftvm.data import synthetic
     from bench_steps import MODEL_STATE
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         images, _ = synthetic(args.batch, image_size=size)
         onnx_path = os.path.join(tmp, "model.onnx")
@@ -172,39 +181,68 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
         trained = trainable.resolve(onnx.load(onnx_path), spec)
         torch_bp = {"kind": "torch", "dir": tmp, "model": name, "trainable": trained,
                     "patches": {}, **base}
-        torch_bp_result = measure(args, torch_bp)
-        forward_update = measure(args, {**torch_bp, "kind": "torch_forward_update"})
+        variants = {"torch_bp": torch_bp,
+                    "torch_fwd_upd": {**torch_bp, "kind": "torch_forward_update"}}
         ort_bp = ort_variant(model, trained, tmp, base)
-        ort_result = measure(args, ort_bp) if ort_bp else {"ms": None, "peak_mib": None}
+        if ort_bp:
+            variants["ort_bp"] = ort_bp
+        compiled = {}
         for patch in [None, *args.filter_patch]:
-            columns, manifest = compile_gftvm(args, onnx_path, spec, patch, size, tmp)
-            torch_gf_result = patch and measure(args, {**torch_bp, "patches": {
-                layer["weight"].removesuffix(".weight"): layer["patch"]
-                for layer in manifest["gradient_filter"]["plan"]}})
-            torch_result = torch_gf_result or torch_bp_result
-            method = "BP" if patch is None else f"GF R{patch}"
-            row = {"model": name, "train": spec, "method": method, **base, **columns,
-                   "torch_bp_ms": torch_bp_result["ms"],
-                   "torch_gf_ms": torch_gf_result and torch_gf_result["ms"],
-                   "torch_fwd_upd_ms": forward_update["ms"],
-                   "ort_bp_ms": ort_result["ms"], "torch_peak_mib": torch_result["peak_mib"],
-                   "ort_peak_mib": ort_result["peak_mib"],
-                   "saved_context_mib": manifest["saved_context_bytes"] / MIB}
-            print(format_step_row(row), flush=True)
-            rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+            columns, manifest, gftvm_variants = compile_gftvm(args, onnx_path, spec, patch,
+                                                              size, tmp)
+            compiled[patch] = columns, manifest
+            variants.update({(patch, column): v for column, v in gftvm_variants.items()})
+            if patch:
+                variants[(patch, "torch_gf")] = {**torch_bp, "patches": {
+                    layer["weight"].removesuffix(".weight"): layer["patch"]
+                    for layer in manifest["gradient_filter"]["plan"]}}
+        results = measure_rounds(args, variants,
+                                 once={key for key in variants if key[-1] == "naive_ms"})
+    none = {"ms": None, "peak_mib": None}
+    rows = []
+    for patch, (columns, manifest) in compiled.items():
+        gftvm_columns = {column: results[(patch, column)]["ms"] for column in
+                         ("naive_ms", "gftvm_ms", "tuned_ms") if (patch, column) in results}
+        torch_result = results.get((patch, "torch_gf"), results["torch_bp"])
+        ort_result = results.get("ort_bp", none)
+        row = {"model": name, "train": spec, "method": "BP" if patch is None else f"GF R{patch}",
+               **base, "tuned_ms": None, **columns, **gftvm_columns,
+               "gftvm_peak_mib": results.get((patch, "tuned_ms"),
+                                             results[(patch, "gftvm_ms")])["peak_mib"],
+               "torch_bp_ms": results["torch_bp"]["ms"],
+               "torch_gf_ms": patch and results[(patch, "torch_gf")]["ms"],
+               "torch_fwd_upd_ms": results["torch_fwd_upd"]["ms"],
+               "ort_bp_ms": ort_result["ms"], "torch_peak_mib": torch_result["peak_mib"],
+               "ort_peak_mib": ort_result["peak_mib"],
+               "saved_context_mib": manifest["saved_context_bytes"] / MIB}
+        print(format_step_row(row), flush=True)
+        rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 
 
+def measure_rounds(args: argparse.Namespace, variants: dict, once: set) -> dict:
+    """``ms`` (median over ``args.rounds`` rounds, one fresh process per variant and round,
+    the variants in turn) and ``peak_mib`` (of the first round) of each variant; those in
+    ``once`` are measured in the first round only."""
+    rounds = {key: [] for key in variants}
+    for round_ in range(args.rounds):
+        for key, variant in variants.items():
+            if round_ == 0 or key not in once:
+                rounds[key].append(measure(args, variant))
+    return {key: {"ms": statistics.median(r["ms"] for r in results),
+                  "peak_mib": results[0]["peak_mib"]} for key, results in rounds.items()}
+
+
 def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: int | None,
-                  size: int, directory: str) -> tuple[dict, dict]:
-    """Compile with naive loops, default schedules and tuned records, time each step. Returns
-    the row's gftvm columns (peak memory: of the tuned step if it has records, else of the
-    default one) and the manifest."""
+                  size: int, directory: str) -> tuple[dict, dict, dict]:
+    """Compile with naive loops, default schedules and tuned records (if any kernel has one).
+    Returns the row's compile columns, the manifest, and the step variants to time by
+    column."""
     import gftvm
 
     options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
                    filter=None if patch is None else gftvm.GradientFilter(patch, spec))
-    columns = {"tuned_ms": None}
+    columns, variants = {}, {}
     for column, schedules, default in [("naive_ms", False, False), ("gftvm_ms", False, True),
                                        ("tuned_ms", True, True)]:
         start = time.perf_counter()
@@ -216,15 +254,11 @@ def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: in
             columns.update(compile_s=seconds, tuned_kernels=tuned)
         if schedules and not tuned:
             break
-        variant = {"kind": "gftvm", "batch": args.batch, "image_size": size,
-                   "dir": os.path.join(directory, f"gftvm_{patch}_{column}")}
-        artifact.save(variant["dir"])
-        result = measure(args, variant)
-        columns[column] = result["ms"]
-        if default:
-            columns["gftvm_peak_mib"] = result["peak_mib"]
+        variants[column] = {"kind": "gftvm", "batch": args.batch, "image_size": size,
+                            "dir": os.path.join(directory, f"gftvm_{patch}_{column}")}
+        artifact.save(variants[column]["dir"])
         manifest = artifact.manifest
-    return columns, manifest
+    return columns, manifest, variants
 
 
 def ort_variant(model, trained: list[str], directory: str, base: dict) -> dict | None:
