@@ -288,10 +288,10 @@ def _transposing_copy(sch: s_tir.Schedule, used: list, last, block_by: int, lane
 
 
 def _copy_slab(sch: s_tir.Schedule, cache, loop, block_by: int, lanes: int) -> None:
-    """Move a weight's blocked copy inside ``loop``, the parallel loop over the blocks of its
-    ``last`` axis: each iteration copies the one block that its tiles read (a slab that stays
-    in cache for them) into a buffer of that size, instead of the whole weight being copied
-    to memory and read back."""
+    """Move a weight's blocked copy (:func:`_relayout_read`) inside ``loop``, the parallel loop
+    over the blocks of its last axis: each iteration copies the one block that its tiles read
+    (a slab that stays in cache for them) into a buffer of that size, instead of the whole
+    weight being copied to memory and read back."""
     sch.compute_at(cache, loop)
     # compute_at made one loop per iterator of the copy, in their order, inside ``loop``.
     loops = sch.get_loops(cache)

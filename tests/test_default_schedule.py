@@ -206,7 +206,7 @@ def test_large_weight_copied_slab_by_slab():
     scheduled = schedule_kernel(only_kernel(kernels(*CASES["conv_weight_slabs"][:1],
                                                     *CASES["conv_weight_slabs"][1:])), NEON)
     sch = s_tir.Schedule(scheduled)
-    blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     (copy,) = [b for b in blocks if sch.get(b).name_hint.endswith("_global")]
     (tile,) = [b for b in blocks if sch.get(b).name_hint.endswith("_update")]
     chunk = sch.get(sch.get_loops(copy)[0])

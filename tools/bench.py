@@ -140,7 +140,7 @@ def bench_steps(args: argparse.Namespace) -> None:
           "expressible); ratios: over tuned gftvm (untuned if no record). Peak MiB: memory the "
           "first steps add at their peak over the loaded model (gftvm: tuned if it has records; "
           "torch: same method); plan: gftvm's saved context. Each step is timed and measured "
-          f"alone in a fresh process (tools/bench_steps.py), all of a row group's in turn, "
+          "alone in a fresh process (tools/bench_steps.py), all of a row group's in turn, "
           f"in {args.rounds} rounds: the median round counts (naive: one round)")
     print(STEP_HEADER)
     rows = []
@@ -196,8 +196,7 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
                 variants[(patch, "torch_gf")] = {**torch_bp, "patches": {
                     layer["weight"].removesuffix(".weight"): layer["patch"]
                     for layer in manifest["gradient_filter"]["plan"]}}
-        results = measure_rounds(args, variants,
-                                 once={key for key in variants if key[-1] == "naive_ms"})
+        results = measure_rounds(args, variants, once={(patch, "naive_ms") for patch in compiled})
     none = {"ms": None, "peak_mib": None}
     rows = []
     for patch, (columns, manifest) in compiled.items():
