@@ -236,13 +236,13 @@ def _relayout_for_row(sch: s_tir.Schedule, block, spatial: list[_Axis], lanes: i
 
 
 def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes: int,
-                   block_by: int | None = None, parallel: bool = True):
+                   block_by: int | None = None, scheduled: bool = True):
     """Copy the block's read ``index`` into a buffer indexed by the block iterators that it
     uses, in the read's memory order but ``last`` last (``reindex_cache_read``); the copy is
-    vectorized, and parallel unless ``parallel`` is false (a copy that the caller moves inside
-    its own parallel loop). With ``block_by``, ``last`` is split into blocks of that many that
-    go first (``[c // 16, ..., c % 16]``), so one vector's walk over the other axes reads
-    contiguous memory. Returns the copy block."""
+    vectorized and parallel, unless not ``scheduled`` (a copy that the caller moves and
+    schedules itself: :func:`_copy_slab`). With ``block_by``, ``last`` is split into blocks of
+    that many that go first (``[c // 16, ..., c % 16]``), so one vector's walk over the other
+    axes reads contiguous memory. Returns the copy block."""
     stmt = sch.get(block)
     iters = [iv.var for iv in stmt.iter_vars]
     strides = [_stride(stmt.reads[index], v) for v in iters]
@@ -254,11 +254,10 @@ def _relayout_read(sch: s_tir.Schedule, block, index: int, last: tirx.Var, lanes
     axes = _axes(sch, cache)
     axes = [axes[sorted(positions).index(k)] for k in positions]
     sch.reorder(*[a.loop for a in axes])
-    if block_by is None or len(axes) == 1:
+    if scheduled and (block_by is None or len(axes) == 1):
         _elementwise(sch, axes, lanes)
-    else:
-        _transposing_copy(sch, [a.loop for a in axes[:-1]], axes[-1].loop, block_by, lanes,
-                          parallel)
+    elif scheduled:
+        _transposing_copy(sch, [a.loop for a in axes[:-1]], axes[-1].loop, block_by, lanes)
     if block_by is not None and axes[-1].extent > block_by:
         sch.transform_layout(cache, ("write", 0),
                              lambda *i: [i[-1] // block_by, *i[:-1], i[-1] % block_by])
