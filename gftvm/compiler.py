@@ -183,31 +183,34 @@ def compile(model: onnx_frontend.ModelLike, target: str = "host",
             eps: float = 1e-8, filter: GradientFilter | None = None,
             progress: Callable[[str], None] | None = None,
             schedules: str | os.PathLike | bool = True,
-            default_schedule: bool = True) -> Artifact:
+            default_schedule: bool = True, winograd: bool = True) -> Artifact:
     """Compile the train step (forward, cross-entropy, backward, optimizer update) and the
     ``predict`` function of a forward ONNX model. ``schedules``: the tuning database applied
     (True: ``schedules/<target>/`` when present, False: none, or a database directory);
     ``default_schedule``: give the other kernels gftvm's default schedule (False: TVM's naive
-    loops). See README for the other options."""
+    loops); ``winograd``: compute 3x3 stride-1 convs as Winograd products on CPU targets
+    (passes/winograd.py; False: direct convs, bitwise closer to PyTorch). See README for the
+    other options."""
     targets.get(target)
     program = build_program(model, trainable, batch_size, optimizer, lr, momentum,
                             weight_decay, betas, eps, filter, progress)
-    return _package(program, target, schedules, default_schedule, progress)
+    return _package(program, target, schedules, default_schedule, winograd, progress)
 
 
 def compile_ort(artifact: str | os.PathLike, target: str = "host", batch_size: int | None = None,
                 lr: float = ORT_DEFAULT_LR, filter: GradientFilter | None = None,
                 progress: Callable[[str], None] | None = None,
                 schedules: str | os.PathLike | bool = True,
-                default_schedule: bool = True) -> Artifact:
+                default_schedule: bool = True, winograd: bool = True) -> Artifact:
     """Compile an onnxruntime-training artifact (see :func:`build_ort_program`)."""
     targets.get(target)
     program = build_ort_program(artifact, batch_size, lr, filter, progress)
-    return _package(program, target, schedules, default_schedule, progress)
+    return _package(program, target, schedules, default_schedule, winograd, progress)
 
 
 def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | bool,
-             default_schedule: bool, progress: Callable[[str], None] | None) -> Artifact:
+             default_schedule: bool, winograd: bool,
+             progress: Callable[[str], None] | None) -> Artifact:
     """Compile the training module for ``target`` and describe it in the manifest."""
     say = progress or (lambda message: None)
     built = program.built
@@ -218,7 +221,7 @@ def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | 
     say(f"compiling for {target} ({tvm_target.attrs['mcpu']})...")
     donated = donated_inputs(program.info["trainable"], len(built.optim_state))
     executable, tuned = tuning.compile_module(built.mod, tvm_target, database, default_schedule,
-                                              {"train_step": donated})
+                                              {"train_step": donated}, winograd)
     say(f"compiled for {target} in {time.perf_counter() - start:.1f}s"
         + (f" ({tuned} kernels with tuned schedules)" if database is not None else ""))
 
@@ -241,6 +244,7 @@ def _package(program: TrainProgram, target: str, schedules: str | os.PathLike | 
                         for v in built.optim_state],
         "tuned_kernels": tuned,
         "default_schedule": default_schedule,
+        "winograd": winograd and tvm_target.kind.name == "llvm",
         "versions": {"gftvm": __version__, "tvm": tvm.__version__},
     }
     state = TrainState(dict(zip(param_names, built.params)), built.optim_state, {"steps": 0})

@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel, target_cores
 from .passes.hoist_updates import HoistStateUpdates
 from .passes.inplace_update import InPlaceStateUpdate
+from .passes.winograd import Winograd
 from .targets import AARCH64_CXX, TargetSpec
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
@@ -46,11 +47,14 @@ def tuning_target(spec: TargetSpec) -> tvm.target.Target:
     return tvm.target.Target({**target.export(), "num-cores": target_cores(target)})
 
 
-def lower(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def lower(mod: tvm.IRModule, target: tvm.target.Target, winograd: bool = True
+          ) -> tvm.IRModule:
     """Legalize every Relax op to a TIR kernel and fuse them, as the start of ``tvm.compile``
-    does."""
+    does; on CPU targets, first rewrite 3x3 convs as Winograd products (unless ``winograd``
+    is False; see passes/winograd.py)."""
+    first = [Winograd()] if winograd and target.kind.name == "llvm" else []
     with target:
-        return tvm.transform.Sequential([*relax.pipeline.library_dispatch_passes(target),
+        return tvm.transform.Sequential([*first, *relax.pipeline.library_dispatch_passes(target),
                                          *relax.pipeline.legalize_passes(target)])(mod)
 
 
@@ -85,14 +89,14 @@ def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
                    database: ms.database.Database | None, default_schedule: bool = True,
-                   donated: dict[str, list[str]] | None = None
+                   donated: dict[str, list[str]] | None = None, winograd: bool = True
                    ) -> tuple[relax.Executable, int]:
     """``tvm.compile`` the module, with the database's schedules for the kernels it has records
     for and ``DefaultCPUSchedule`` for the others (unless ``default_schedule`` is False: TVM's
     naive loops). ``donated`` names, per function, the inputs its callers give up
     (``InPlaceStateUpdate`` writes results over them). Returns the executable and the number
-    of kernels that got a tuned schedule."""
-    lowered = lower(mod, target)
+    of kernels that got a tuned schedule. ``winograd``: see :func:`lower`."""
+    lowered = lower(mod, target, winograd)
     tuned = 0
     if database is not None:
         with target, database:

@@ -27,7 +27,7 @@ def kernels(build, *shapes) -> tvm.IRModule:
         with bb.dataflow():
             out = bb.emit_output(build(*params))
         bb.emit_func_output(out)
-    return tuning.lower(bb.get(), HOST)
+    return tuning.lower(bb.get(), HOST, winograd=False)
 
 
 def only_kernel(mod: tvm.IRModule) -> tirx.PrimFunc:

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--filter auto")
     parser.add_argument("--latency", help="latency measurements for --filter auto (default "
                         "docs/flash/TARGET_latency.json)")
+    parser.add_argument("--no-winograd", dest="winograd", action="store_false",
+                        help="keep 3x3 stride-1 convs direct (default: Winograd F(4x4, 3x3) "
+                        "products on CPU targets; see passes/winograd.py)")
     parser.add_argument("-o", "--output", default="out/artifact", help="artifact directory")
     return parser.parse_args(argv)
 
@@ -152,12 +155,14 @@ def compile_artifact(args: argparse.Namespace, log) -> gftvm.compiler.Artifact:
 
         return gftvm.compile(args.from_ort, target=args.target, batch_size=args.batch,
                              lr=ORT_DEFAULT_LR if args.lr is None else args.lr,
-                             filter=gradient_filter(args, args.filter_patch), progress=log)
+                             filter=gradient_filter(args, args.filter_patch),
+                             winograd=args.winograd, progress=log)
     model = model_path(args, args.output, log)
     options = step_options(args, args.filter_patch)
     if args.filter == "auto":
         options["filter"] = auto_filter(model, options, args, log)
-    return gftvm.compile(model, target=args.target, progress=log, **options)
+    return gftvm.compile(model, target=args.target, winograd=args.winograd, progress=log,
+                         **options)
 
 
 def main(argv: list[str] | None = None) -> int:
