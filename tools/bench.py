@@ -121,9 +121,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-STEP_COLUMNS = ["model", "train", "method", "image_size", "batch", "naive_ms", "gftvm_ms",
-                "tuned_ms",
-                "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms", "torch_fwd_upd_ms",
+STEP_COLUMNS = ["model", "train", "method", "image_size", "batch", "naive_ms", "direct_ms",
+                "gftvm_ms", "tuned_ms", "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms", "torch_fwd_upd_ms",
                 "ort_bp_ms",
                 "gftvm_peak_mib", "torch_peak_mib", "ort_peak_mib", "saved_context_mib"]
 
@@ -201,7 +200,8 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
     rows = []
     for patch, (columns, manifest) in compiled.items():
         gftvm_columns = {column: results[(patch, column)]["ms"] for column in
-                         ("naive_ms", "gftvm_ms", "tuned_ms") if (patch, column) in results}
+                         ("naive_ms", "direct_ms", "gftvm_ms", "tuned_ms")
+                         if (patch, column) in results}
         torch_result = results.get((patch, "torch_gf"), results["torch_bp"])
         ort_result = results.get("ort_bp", none)
         row = {"model": name, "train": spec, "method": "BP" if patch is None else f"GF R{patch}",
@@ -234,19 +234,20 @@ def measure_rounds(args: argparse.Namespace, variants: dict, once: set) -> dict:
 
 def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: int | None,
                   size: int, directory: str) -> tuple[dict, dict, dict]:
-    """Compile with naive loops, default schedules and tuned records (if any kernel has one).
-    Returns the row's compile columns, the manifest, and the step variants to time by
+    """Compile with naive loops, default schedules without and with Winograd convs, and tuned
+    records (if any kernel has one). Returns the row's compile columns, the manifest, and the step variants to time by
     column."""
     import gftvm
 
     options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
                    filter=None if patch is None else gftvm.GradientFilter(patch, spec))
     columns, variants = {}, {}
-    for column, schedules, default in [("naive_ms", False, False), ("gftvm_ms", False, True),
-                                       ("tuned_ms", True, True)]:
+    for column, schedules, default, winograd in [
+            ("naive_ms", False, False, False), ("direct_ms", False, True, False),
+            ("gftvm_ms", False, True, True), ("tuned_ms", True, True, True)]:
         start = time.perf_counter()
         artifact = gftvm.compile(onnx_path, schedules=schedules, default_schedule=default,
-                                 **options)
+                                 winograd=winograd, **options)
         seconds = time.perf_counter() - start
         tuned = artifact.manifest["tuned_kernels"]
         if schedules:
@@ -287,7 +288,8 @@ def measure(args: argparse.Namespace, variant: dict) -> dict:
     return measure_in_fresh_process(variant, args.threads, args.repeat, args.memory_steps)
 
 
-STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'naive ms':>9} {'gftvm ms':>9} "
+STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'naive ms':>9} {'direct ms':>9} "
+               f"{'gftvm ms':>9} "
                f"{'tuned ms':>9} "
                f"{'kernels':>7} {'compile s':>9} {'torch BP':>9} {'torch GF':>9} {'fwd+upd':>9} "
                f"{'ORT BP':>9} {'tBP/gftvm':>9} {'tBP/f+u':>9} {'ORT/gftvm':>9} | "
@@ -303,7 +305,7 @@ def format_step_row(row: dict) -> str:
                       [("gftvm_peak_mib", 15), ("torch_peak_mib", 7), ("ort_peak_mib", 7),
                        ("saved_context_mib", 7)])
     return (f"{row['model']:17} {row['train']:7} {row['method']:6} {cell(row['naive_ms'], 9)} "
-            f"{cell(row['gftvm_ms'], 9)} "
+            f"{cell(row['direct_ms'], 9)} {cell(row['gftvm_ms'], 9)} "
             f"{cell(row['tuned_ms'], 9)} {row['tuned_kernels']:7d} {cell(row['compile_s'], 9)} "
             f"{cell(row['torch_bp_ms'], 9)} {cell(row['torch_gf_ms'], 9)} "
             f"{cell(row['torch_fwd_upd_ms'], 9)} {cell(row['ort_bp_ms'], 9)} "
@@ -604,7 +606,8 @@ def pyplot():
     return plt
 
 
-STEP_BARS = {"time": [("naive_ms", "gftvm naive loops"), ("gftvm_ms", "gftvm default"),
+STEP_BARS = {"time": [("naive_ms", "gftvm naive loops"), ("direct_ms", "gftvm direct convs"),
+                      ("gftvm_ms", "gftvm default"),
                       ("tuned_ms", "gftvm tuned"),
                       ("torch_bp_ms", "PyTorch BP"), ("torch_gf_ms", "PyTorch GF"),
                       ("torch_fwd_upd_ms", "PyTorch fwd+upd"),
