@@ -116,13 +116,16 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
 def extract_tasks(mods: Iterable[tvm.IRModule], target: tvm.target.Target
                   ) -> list[ms.ExtractedTask]:
     """The distinct kernels of the modules (after :func:`lower`), with their call counts summed
-    over all modules as weights."""
+    over all modules as weights; kernels written already scheduled (Winograd's) are left out."""
     seen = ms.database.MemoryDatabase()
     workloads: list[ms.database.Workload] = []
     tasks: list[ms.ExtractedTask] = []
     weights: list[int] = []
     for mod in mods:
         for task in ms.relax_integration.extract_tasks(lower(mod, target), target):
+            attrs = task.dispatched[0]["main"].attrs
+            if attrs is not None and SCHEDULED_ATTR in attrs:
+                continue
             workload = seen.commit_workload(task.dispatched[0])
             index = next((i for i, w in enumerate(workloads) if w.same_as(workload)), None)
             if index is None:

@@ -3,24 +3,25 @@
 A 4x4 output tile of a 3x3 conv is ``A^T [(G w G^T) * (B^T d B)] A`` for the tile's 6x6 input
 window ``d`` (Lavin & Gray, 2016; interpolation points 0, +-1, +-2): 36 element-wise products
 per channel pair instead of 144 multiply-adds, so over the channels 36 matrix products
-``m[p] = u[p] v[p]`` (``u[p]``: C x K, ``v[p]``: C x tiles) replace the direct conv's work,
+``m[p] = u[p] v[p]`` (``u[p]``: K x C, ``v[p]``: C x tiles) replace the direct conv's work,
 a quarter of its multiply-adds. The rewrite, for NCHW/OIHW float32 convs with stride 1,
 dilation 1, one group and padding 1 on every side (``th``, ``tw``: tiles down and across)::
 
     y = R.nn.conv2d(x, w)
 ->
     d = permute_dims(reshape(pad(x), (N, C, 4 th + 2, tw + 1, 4)), [0, 1, 2, 4, 3])
-    u = call_tir(winograd_weight, (permute_dims(w, [2, 3, 1, 0]),))    # G w G^T: (36, C, K)
-    t = call_tir(winograd_conv, (d, u))                                 # (N, K, th, 4, 4, tw)
-    y = reshape(permute_dims(t, [0, 1, 2, 3, 5, 4]), (N, K, 4 th, 4 tw))[:, :, :H, :W]
+    u = call_tir(winograd_weight, (w,))                 # G w G^T: (36, K, C)
+    y = call_tir(winograd_conv, (d, u))                 # (N, K, 4 th, 4 tw)
+    y = strided_slice(y, [2, 3], [0, 0], [H, W])        # where H or W is not a multiple of 4
 
 ``d`` holds the padded input with each row's columns de-interleaved by 4 (``d[..., j, tx]`` is
-column ``4 tx + j``), so a tile's window is read with vectors over ``tx``. ``winograd_conv``
+column ``4 tx + j``), so a tile's window is read with vectors over ``tx``; FuseOps fuses that
+relayout with the producer of ``x`` (the previous layer's BatchNorm and ReLU). ``winograd_conv``
 runs through blocks of whole tile rows in parallel and keeps a block in cache: the input
-transform of every channel, the 36 products (a register tile of ``KT`` output channels x ``TV``
-tiles), the output transform. The reshapes before and after it are plain Relax ops, so FuseOps
-fuses the padding with the producer of ``x`` and the epilogue (BatchNorm, ReLU) with the last
-reshape. The kernels are written already scheduled (``tirx.is_scheduled``), as loops.
+transform of every channel, the 36 products (a register tile of ``KT`` output channels x one
+or two vectors of tiles), the output transform, written row by row in NCHW. The kernels are
+written already scheduled (``tirx.is_scheduled``), as loops; ``d`` and ``y`` are Relax
+tensors, so memory planning and fusion work across them as for any kernel.
 
 Float32 results differ from the direct conv's by rounding only, larger than the direct conv's
 own (the transforms scale by up to 8): 1e-5 of the output's largest magnitude on ResNet-18's
@@ -92,16 +93,16 @@ def _indent(lines: list[str], depth: int) -> list[str]:
 
 
 def weight_kernel(k: int, c: int) -> str:
-    """``u[p, c, k] = (G w[k, c] G^T)[p]`` from ``w`` as (3, 3, C, K), vectors over K."""
-    body = _transform(G, lambda a, b: f"u[{a * 6 + b}, ci, l]",
-                      lambda i, j: f"w[{i}, {j}, ci, l]", k)
+    """``u[p, k, c] = (G w[k, c] G^T)[p]``, vectors over C (gathered from a row of ``w``)."""
+    body = _transform(G, lambda a, b: f"u[{a * 6 + b}, ko, l]",
+                      lambda i, j: f"w[ko, l, {i}, {j}]", c)
     return "\n".join([
         "@T.prim_func(private=True, s_tir=True)",
-        f"def winograd_weight(w: T.Buffer((3, 3, {c}, {k}), 'float32'), "
-        f"u: T.Buffer((36, {c}, {k}), 'float32')):",
+        f"def winograd_weight(w: T.Buffer(({k}, {c}, 3, 3), 'float32'), "
+        f"u: T.Buffer((36, {k}, {c}), 'float32')):",
         "    T.func_attr({'tirx.is_scheduled': True, 'tirx.noalias': True})",
         "    with T.sblock('root'):",
-        f"        for ci in T.parallel({c}):",
+        f"        for ko in T.parallel({k}):",
         *_indent(body, 12)])
 
 
@@ -119,7 +120,7 @@ def conv_kernel(n: int, c: int, k: int, th: int, tw: int, rows: int, tv: int) ->
     return "\n".join([
         "@T.prim_func(private=True, s_tir=True)",
         f"def winograd_conv(d: T.Buffer(({n}, {c}, {4 * th + 2}, 4, {tw + 1}), 'float32'), "
-        f"u: T.Buffer((36, {c}, {k}), 'float32'), "
+        f"u: T.Buffer((36, {k}, {c}), 'float32'), "
         f"y: T.Buffer(({n}, {k}, {4 * th}, {4 * tw}), 'float32')):",
         "    T.func_attr({'tirx.is_scheduled': True, 'tirx.noalias': True})",
         "    with T.sblock('root'):",
@@ -138,7 +139,7 @@ def conv_kernel(n: int, c: int, k: int, th: int, tw: int, rows: int, tv: int) ->
         f"                for ci in range({c}):",
         f"                    for ki in T.unroll({kt}):",
         f"                        for l in T.vectorized({tv}):",
-        f"                            acc[ki, l] = acc[ki, l] + u[p, ci, ko * {kt} + ki] "
+        f"                            acc[ki, l] = acc[ki, l] + u[p, ko * {kt} + ki, ci] "
         f"* v[p, ci, to * {tv} + l]",
         f"                for ki in T.unroll({kt}):",
         f"                    for l in T.vectorized({tv}):",
@@ -204,8 +205,7 @@ class _Rewriter(relax.PyExprMutator):
         d = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, (n, c, 4 * th + 2, tw + 1, 4)),
                                           [0, 1, 2, 4, 3]))
         weight = bb.add_func(_parse(weight_kernel(k, c)), "winograd_weight")
-        u = bb.emit(relax.call_tir(weight, [bb.emit(relax.op.permute_dims(w, [2, 3, 1, 0]))],
-                                   relax.TensorType((36, c, k), "float32")))
+        u = bb.emit(relax.call_tir(weight, [w], relax.TensorType((36, k, c), "float32")))
         conv = bb.add_func(_parse(conv_kernel(n, c, k, th, tw, rows, tv)), "winograd_conv")
         y = relax.call_tir(conv, [d, u], relax.TensorType((n, k, 4 * th, 4 * tw), "float32"))
         if (4 * th, 4 * tw) != (h, wd):

@@ -85,13 +85,15 @@ BATCH = 4
 
 def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: int = 32,
                  steps: int = 3, filter: gftvm.GradientFilter | None = None,
-                 schedules=True) -> gftvm.runtime.Session:
+                 schedules=True, atol: float = 1e-5, winograd: bool = True
+                 ) -> gftvm.runtime.Session:
     """Compile ``path`` (exported from ``model``, with the tuning database ``schedules``), train
     ``steps`` steps, and check loss and parameters against PyTorch autograd (with the eager
     gradient filter when ``filter``)."""
     tmp_path = path.parent
     gftvm.compile(path, trainable=trainable, batch_size=BATCH, filter=filter,
-                  schedules=schedules, **OPTIMIZERS[optimizer]).save(tmp_path / "art")
+                  schedules=schedules, winograd=winograd, **OPTIMIZERS[optimizer]
+                  ).save(tmp_path / "art")
     session = gftvm.runtime.load(tmp_path / "art")
     model = copy.deepcopy(model)
     if filter is not None:
@@ -108,7 +110,7 @@ def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: 
     trained = set(session.manifest["trainable"])
     for name, value in session.parameters().items():
         if name in trained:
-            np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-5,
+            np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=atol,
                                        err_msg=name)
             assert np.array_equal(value, initial[name]) == np.array_equal(
                 expected[name], initial[name]), f"{name} updated in only one of the two"
