@@ -56,8 +56,9 @@ KT = 8
 #: 2 MiB; ResNet-18's 128-channel convs on 16x16 maps take 0.87x the time of 1 MiB blocks).
 BLOCK_BYTES = 1 << 21
 #: The fewest direct-conv multiply-adds per weight element (N x H x W) for which the rewrite
-#: pays: the weight transform writes 4x the weight every step (ResNet-18's 512-channel convs
-#: on 4x4 maps, 128 per element, are slower as products).
+#: pays: the weight transform writes 4x the weight every step, and small maps give few tiles
+#: per block (session 10's machine: 8x128x16x16, 2048 per element, 1.58x faster; 8x256x8x8,
+#: 512, 0.40x; 8x64x8x8, 512, 0.69x).
 MIN_MACS_PER_WEIGHT = 2048
 
 
