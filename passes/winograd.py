@@ -81,11 +81,11 @@ def _transform(matrix, result, source, lanes: int) -> list[str]:
     rows, inner = len(matrix), len(matrix[0])
     lines = [f"h = T.decl_buffer(({rows * inner}, {lanes}), 'float32', scope='local')",
              f"for l in T.vectorized({lanes}):"]
-    lines += [f"    h[{a * inner + j}, l] = {_sum(matrix[a], [source(i, j) for i in range(inner)])}"
-              for a in range(rows) for j in range(inner)]
+    first = lambda a, j: _sum(matrix[a], [source(i, j) for i in range(inner)])
+    second = lambda a, b: _sum(matrix[b], [f"h[{a * inner + j}, l]" for j in range(inner)])
+    lines += [f"    h[{a * inner + j}, l] = {first(a, j)}" for a in range(rows) for j in range(inner)]
     lines.append(f"for l in T.vectorized({lanes}):")
-    lines += [f"    {result(a, b)} = {_sum(matrix[b], [f'h[{a * inner + j}, l]' for j in range(inner)])}"
-              for a in range(rows) for b in range(rows)]
+    lines += [f"    {result(a, b)} = {second(a, b)}" for a in range(rows) for b in range(rows)]
     return lines
 
 

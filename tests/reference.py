@@ -85,15 +85,13 @@ BATCH = 4
 
 def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: int = 32,
                  steps: int = 3, filter: gftvm.GradientFilter | None = None,
-                 schedules=True, atol: float = 1e-5, winograd: bool = True
-                 ) -> gftvm.runtime.Session:
+                 schedules=True, atol: float = 1e-5) -> gftvm.runtime.Session:
     """Compile ``path`` (exported from ``model``, with the tuning database ``schedules``), train
     ``steps`` steps, and check loss and parameters against PyTorch autograd (with the eager
-    gradient filter when ``filter``)."""
+    gradient filter when ``filter``); parameters within ``atol`` (and rtol 1e-4)."""
     tmp_path = path.parent
     gftvm.compile(path, trainable=trainable, batch_size=BATCH, filter=filter,
-                  schedules=schedules, winograd=winograd, **OPTIMIZERS[optimizer]
-                  ).save(tmp_path / "art")
+                  schedules=schedules, **OPTIMIZERS[optimizer]).save(tmp_path / "art")
     session = gftvm.runtime.load(tmp_path / "art")
     model = copy.deepcopy(model)
     if filter is not None:

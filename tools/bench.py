@@ -122,8 +122,8 @@ def parse_args() -> argparse.Namespace:
 
 
 STEP_COLUMNS = ["model", "train", "method", "image_size", "batch", "naive_ms", "direct_ms",
-                "gftvm_ms", "tuned_ms", "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms", "torch_fwd_upd_ms",
-                "ort_bp_ms",
+                "gftvm_ms", "tuned_ms", "tuned_kernels", "compile_s", "torch_bp_ms", "torch_gf_ms",
+                "torch_fwd_upd_ms", "ort_bp_ms",
                 "gftvm_peak_mib", "torch_peak_mib", "ort_peak_mib", "saved_context_mib"]
 
 
@@ -235,8 +235,8 @@ def measure_rounds(args: argparse.Namespace, variants: dict, once: set) -> dict:
 def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: int | None,
                   size: int, directory: str) -> tuple[dict, dict, dict]:
     """Compile with naive loops, default schedules without and with Winograd convs, and tuned
-    records (if any kernel has one). Returns the row's compile columns, the manifest, and the step variants to time by
-    column."""
+    records (if any kernel has one). Returns the row's compile columns, the manifest, and the
+    step variants to time by column."""
     import gftvm
 
     options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
@@ -289,8 +289,7 @@ def measure(args: argparse.Namespace, variant: dict) -> dict:
 
 
 STEP_HEADER = (f"{'model':17} {'train':7} {'method':6} {'naive ms':>9} {'direct ms':>9} "
-               f"{'gftvm ms':>9} "
-               f"{'tuned ms':>9} "
+               f"{'gftvm ms':>9} {'tuned ms':>9} "
                f"{'kernels':>7} {'compile s':>9} {'torch BP':>9} {'torch GF':>9} {'fwd+upd':>9} "
                f"{'ORT BP':>9} {'tBP/gftvm':>9} {'tBP/f+u':>9} {'ORT/gftvm':>9} | "
                f"{'peak MiB: gftvm':>15} {'torch':>7} {'ORT':>7} {'plan':>7}")
