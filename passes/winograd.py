@@ -30,6 +30,7 @@ layers. ``gftvm.compile(..., winograd=False)`` keeps direct convs.
 
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -93,10 +94,12 @@ def _indent(lines: list[str], depth: int) -> list[str]:
     return [" " * depth + line for line in lines]
 
 
-def weight_kernel(k: int, c: int) -> str:
-    """``u[p, k, c] = (G w[k, c] G^T)[p]``, vectors over C (gathered from a row of ``w``)."""
-    body = _transform(G, lambda a, b: f"u[{a * 6 + b}, ko, l]",
-                      lambda i, j: f"w[ko, l, {i}, {j}]", c)
+def weight_kernel(k: int, c: int, lanes: int) -> str:
+    """``u[p, k, c] = (G w[k, c] G^T)[p]``, vectors over C (gathered from a row of ``w``) of
+    at most ``lanes``: LLVM takes minutes over 128-wide vectors."""
+    vl = math.gcd(c, lanes)
+    body = _transform(G, lambda a, b: f"u[{a * 6 + b}, ko, cb * {vl} + l]",
+                      lambda i, j: f"w[ko, cb * {vl} + l, {i}, {j}]", vl)
     return "\n".join([
         "@T.prim_func(private=True, s_tir=True)",
         f"def winograd_weight(w: T.Buffer(({k}, {c}, 3, 3), 'float32'), "
@@ -104,7 +107,8 @@ def weight_kernel(k: int, c: int) -> str:
         "    T.func_attr({'tirx.is_scheduled': True, 'tirx.noalias': True})",
         "    with T.sblock('root'):",
         f"        for ko in T.parallel({k}):",
-        *_indent(body, 12)])
+        f"            for cb in range({c // vl}):",
+        *_indent(body, 16)])
 
 
 def conv_kernel(n: int, c: int, k: int, th: int, tw: int, rows: int, tv: int) -> str:
@@ -153,7 +157,9 @@ def conv_kernel(n: int, c: int, k: int, th: int, tw: int, rows: int, tv: int) ->
         f"                        y[{n_of}, ko, {ty_of} * 4 + a, e] = o[a * 4 + e % 4, e // 4]"])
 
 
+@functools.lru_cache(maxsize=None)
 def _parse(text: str) -> tvm.tirx.PrimFunc:
+    """Parsed once per kernel text: ResNet-18's convs repeat shapes, and a parse takes ~1 s."""
     return tvm.script.from_source(text, extra_vars={"T": T})
 
 
@@ -205,7 +211,7 @@ class _Rewriter(relax.PyExprMutator):
         padded = relax.op.nn.pad(x, [0, 0, 0, 0, 1, 4 * th + 1 - h, 1, 4 * tw + 3 - wd])
         d = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, (n, c, 4 * th + 2, tw + 1, 4)),
                                           [0, 1, 2, 4, 3]))
-        weight = bb.add_func(_parse(weight_kernel(k, c)), "winograd_weight")
+        weight = bb.add_func(_parse(weight_kernel(k, c, self.lanes)), "winograd_weight")
         u = bb.emit(relax.call_tir(weight, [w], relax.TensorType((36, k, c), "float32")))
         conv = bb.add_func(_parse(conv_kernel(n, c, k, th, tw, rows, tv)), "winograd_conv")
         y = relax.call_tir(conv, [d, u], relax.TensorType((n, k, 4 * th, 4 * tw), "float32"))

@@ -45,7 +45,7 @@ def every_size(monkeypatch):
 def test_rewrite(every_size):
     # 2 images of 7x9: 2 x 3 tiles each, the last tile row and column partly padding.
     rows, tv = winograd.block_plan(2, 5, 12, 2, 3, vector_lanes(HOST), 2)
-    kernels = winograd.weight_kernel(12, 5) + "\n" + winograd.conv_kernel(2, 5, 12, 2, 3, rows, tv)
+    kernels = winograd.weight_kernel(12, 5, vector_lanes(HOST)) + "\n" + winograd.conv_kernel(2, 5, 12, 2, 3, rows, tv)
     expected = tvm.script.from_source("\n".join([
         "@I.ir_module",
         "class Expected:",
@@ -93,6 +93,7 @@ def test_little_work_per_weight_stays_direct():
     ((8, 16, 8, 8), 16),    # one block per image
     ((3, 8, 20, 12), 24),   # several tile rows per block
     ((1, 3, 1, 2), 8),      # a map smaller than a tile
+    ((2, 40, 8, 8), 16),    # weight transform in several vectors of channels
 ])
 def test_matches_torch(every_size, x_shape, k):
     rng = np.random.default_rng(0)
