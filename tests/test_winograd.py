@@ -45,7 +45,8 @@ def every_size(monkeypatch):
 def test_rewrite(every_size):
     # 2 images of 7x9: 2 x 3 tiles each, the last tile row and column partly padding.
     rows, tv = winograd.block_plan(2, 5, 12, 2, 3, vector_lanes(HOST), 2)
-    kernels = winograd.weight_kernel(12, 5, vector_lanes(HOST)) + "\n" + winograd.conv_kernel(2, 5, 12, 2, 3, rows, tv)
+    kernels = (winograd.weight_kernel(12, 5, vector_lanes(HOST)) + "\n"
+               + winograd.conv_kernel(2, 5, 12, 2, 3, rows, tv))
     expected = tvm.script.from_source("\n".join([
         "@I.ir_module",
         "class Expected:",
