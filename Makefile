@@ -16,9 +16,11 @@ demo: $(STAMP)
 
 # The Cortex-A72 test runs artifacts under qemu; the script installs the emulator and an
 # aarch64 Python with the TVM runtime into .aarch64/ (idempotent, fast when done).
+# One pytest-xdist worker per CPU; loadscope keeps a module's tests (and its compiled
+# fixtures) on one worker.
 test: $(STAMP)
 	bash tools/setup_aarch64_emulation.sh .aarch64
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadscope tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python tools/bench.py steps --models mobilenetv2-0.35 resnet18 --train last:4 \
