@@ -4,7 +4,6 @@ forward+update step and the FLOP count of the per-layer roofline floor."""
 import importlib.util
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -44,17 +43,17 @@ def test_profile_kernels_account_for_the_step(mcunet_onnx, tmp_path):
     assert any(row.startswith("vm.builtin.alloc_tensor ") for row in table)
 
 
-def test_peak_growth_sees_what_a_step_allocates():
+def test_peak_growth_sees_what_a_step_allocates(tmp_path):
     # In a fresh process, as the benchmark measures. What a long-lived process did before changes
     # the reading: in a pytest-xdist worker, after other modules' tests, 64 MiB read as 0 MiB.
-    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import bench_steps; "
-            "print(bench_steps.peak_growth_mib(lambda: np.ones(8 << 20).sum(), steps=2), "
-            "bench_steps.peak_growth_mib(lambda: None, steps=2))")
-    out = subprocess.run([sys.executable, "-c", code, TOOLS], capture_output=True, text=True,
-                         check=True)
-    allocating, idle = map(float, out.stdout.split())
-    assert allocating > 60  # 64 MiB
-    assert idle < 8
+    script = tmp_path / "peak.py"
+    script.write_text(f"import json, sys; sys.path.insert(0, {TOOLS!r}); import numpy as np\n"
+                      "from bench_steps import peak_growth_mib\n"
+                      "print(json.dumps({'allocating': peak_growth_mib(lambda: np.ones(8 << 20)"
+                      ".sum(), steps=2), 'idle': peak_growth_mib(lambda: None, steps=2)}))\n")
+    growth = bench_steps.run_fresh(script, [], "peak growth")
+    assert growth["allocating"] > 60  # 64 MiB
+    assert growth["idle"] < 8
 
 
 def test_train_steps_measured_in_fresh_processes(artifact_dir, tmp_path):
