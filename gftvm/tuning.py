@@ -6,8 +6,9 @@ A kernel is a PrimFunc of the train-step module after legalization and fusion, e
 FuseTIR merge a conv with its BatchNorm/ReLU6 epilogue and chains of elementwise ops into one).
 Tuning and applying both start from :func:`lower`, so a record's workload is the PrimFunc that
 compilation meets. Kernels without a record get ``DefaultCPUSchedule``. A database directory
-holds MetaSchedule's JSONDatabase files; :func:`merge` keeps the best record per workload,
-:func:`prune` drops workloads no given train step uses, :func:`slower_than_default` finds the
+holds MetaSchedule's JSONDatabase files, with records of any number of CPUs, of which compile
+applies only the target CPU's (:func:`database_for`). :func:`merge` keeps the best record per
+workload and CPU, :func:`prune` drops workloads no given train step uses, :func:`slower_than_default` finds the
 records not worth keeping.
 """
 
@@ -65,9 +66,12 @@ def open_database(directory: str | os.PathLike) -> ms.database.JSONDatabase:
 
 
 def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
-                 say: Callable[[str], None]) -> ms.database.JSONDatabase | None:
-    """The database ``gftvm.compile`` applies: ``schedules/<target>/`` when ``schedules`` is
-    True and it holds records, a given directory, or None."""
+                 say: Callable[[str], None]) -> ms.database.Database | None:
+    """The records ``gftvm.compile`` applies: those of ``schedules/<target>/`` (when
+    ``schedules`` is True) or of a given directory that were tuned on this target's CPU, or
+    None. Records of other CPUs are skipped with a warning: a schedule is correct on any CPU
+    of the target's kind, but fast only where it was measured (znver5's records made the
+    ResNet-18 128x128 BP step 36 % slower on an Intel Xeon)."""
     if schedules is False:
         return None
     directory = SCHEDULES / spec.name if schedules is True else Path(schedules)
@@ -76,15 +80,30 @@ def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
             raise ConfigError(f"schedules={os.fspath(schedules)!r}: no tuning database "
                               f"({RECORDS}) in that directory")
         return None
-    say(f"applying tuned schedules from {directory}")
     database = open_database(directory)
-    cpus = {str(r.target.attrs.get("mcpu")) for r in database.get_all_tuning_records()}
-    cpu = str(spec.tvm_target().attrs.get("mcpu"))
-    if cpus - {cpu}:
-        warnings.warn(f"{directory}: records tuned on {', '.join(sorted(cpus - {cpu}))}, this "
-                      f"target's CPU is {cpu}: they are correct here but not tuned for it "
-                      f"(tools/tune.py re-tunes)")
-    return database
+    cpu = cpu_of(spec.tvm_target())
+    applied = records_for(database, cpu)
+    others = {cpu_of(r.target) for r in database.get_all_tuning_records()} - {cpu}
+    if others:
+        warnings.warn(f"{directory}: skipped the records tuned on {', '.join(sorted(others))}; "
+                      f"this target's CPU is {cpu}, with {len(applied.workloads)} records "
+                      f"(tools/tune.py tunes for it)")
+    if not applied.workloads:
+        return None
+    say(f"applying {len(applied.workloads)} tuned schedules ({cpu}) from {directory}")
+    return applied
+
+
+def cpu_of(target: tvm.target.Target) -> str:
+    """LLVM's name of the CPU that a target, or the target of a record, is for."""
+    return str(target.attrs.get("mcpu"))
+
+
+def records_for(database: ms.database.Database, cpu: str) -> ms.database.MemoryDatabase:
+    """The best record of each workload among the database's records tuned on ``cpu``."""
+    out = ms.database.MemoryDatabase()
+    _copy_best([database], out, lambda record: cpu_of(record.target) == cpu)
+    return out
 
 
 def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
@@ -144,12 +163,12 @@ def heaviest(tasks: list[ms.ExtractedTask], count: int) -> list[ms.ExtractedTask
     return sorted(tasks, key=work, reverse=True)[:count]
 
 
-def without_records(tasks: list[ms.ExtractedTask], directory: str | os.PathLike
+def without_records(tasks: list[ms.ExtractedTask], directory: str | os.PathLike, cpu: str
                     ) -> list[ms.ExtractedTask]:
-    """The tasks whose kernel has no record in the database of ``directory`` (if any)."""
+    """The tasks whose kernel has no record for ``cpu`` in the database of ``directory``."""
     if not (Path(directory) / RECORDS).is_file():
         return tasks
-    database = open_database(directory)
+    database = records_for(open_database(directory), cpu)
     return [t for t in tasks if not database.has_workload(t.dispatched[0])]
 
 
@@ -250,31 +269,30 @@ def _write(directory: str | os.PathLike, fill: Callable[[ms.database.Database], 
 
 
 def _copy_best(sources: Iterable[ms.database.Database], out: ms.database.Database,
-               keep: Callable[[tvm.IRModule], bool] = lambda mod: True) -> None:
-    pooled = ms.database.MemoryDatabase()
-    workloads = []
+               keep: Callable[[ms.database.TuningRecord], bool] = lambda record: True) -> None:
+    """Commit to ``out`` the fastest record of each workload and CPU among the sources'
+    records that ``keep`` accepts."""
+    pools: dict[str, ms.database.MemoryDatabase] = {}
     for source in sources:
         for record in source.get_all_tuning_records():
-            if not keep(record.workload.mod):
-                continue
-            fresh = not pooled.has_workload(record.workload.mod)
-            workload = pooled.commit_workload(record.workload.mod)
-            if fresh:
-                workloads.append(workload)
-            pooled.commit_tuning_record(ms.database.TuningRecord(
-                record.trace, workload, record.run_secs, record.target, record.args_info))
-    for workload in workloads:
-        for best in pooled.get_top_k(workload, 1):
-            target_workload = out.commit_workload(workload.mod)
-            out.commit_tuning_record(ms.database.TuningRecord(
-                best.trace, target_workload, best.run_secs, best.target, best.args_info))
+            if keep(record):
+                pool = pools.setdefault(cpu_of(record.target), ms.database.MemoryDatabase())
+                pool.commit_tuning_record(ms.database.TuningRecord(
+                    record.trace, pool.commit_workload(record.workload.mod), record.run_secs,
+                    record.target, record.args_info))
+    for pool in pools.values():
+        for workload in pool.workloads:
+            for best in pool.get_top_k(workload, 1):
+                out.commit_tuning_record(ms.database.TuningRecord(
+                    best.trace, out.commit_workload(workload.mod), best.run_secs, best.target,
+                    best.args_info))
 
 
 def merge(sources: list[str | os.PathLike], destination: str | os.PathLike,
-          keep: Callable[[tvm.IRModule], bool] = lambda mod: True) -> int:
+          keep: Callable[[ms.database.TuningRecord], bool] = lambda record: True) -> int:
     """Merge databases into ``destination`` (its own records included), keeping the fastest
-    record per workload (of the workloads ``keep`` accepts). Returns the number of records
-    kept."""
+    record per workload and CPU (of the records ``keep`` accepts). Returns the number of
+    records kept."""
     for source in sources:
         if not (Path(source) / RECORDS).is_file():
             raise ConfigError(f"{os.fspath(source)}: no tuning database ({RECORDS})")
@@ -286,10 +304,10 @@ def merge(sources: list[str | os.PathLike], destination: str | os.PathLike,
 def slower_than_default(tasks: list[ms.ExtractedTask], directory: str | os.PathLike,
                         target: tvm.target.Target, builder: ms.builder.Builder,
                         runner: ms.runner.Runner) -> ms.database.MemoryDatabase:
-    """The workloads whose best record in ``directory`` is not faster than
-    ``DefaultCPUSchedule``'s schedule of the kernel, timed now with the same builder and
+    """The workloads whose best record for the target's CPU in ``directory`` is not faster
+    than ``DefaultCPUSchedule``'s schedule of the kernel, timed now with the same builder and
     runner (a record worth keeping must beat what compiles without it)."""
-    database = open_database(directory)
+    database = records_for(open_database(directory), cpu_of(target))
     tasks = [t for t in tasks if database.has_workload(t.dispatched[0])]
     kernels = [t.dispatched[0]["main"] for t in tasks]
     built = builder.build([ms.builder.BuilderInput(
@@ -308,6 +326,15 @@ def slower_than_default(tasks: list[ms.ExtractedTask], directory: str | os.PathL
     return slower
 
 
+def except_slower(slower: ms.database.MemoryDatabase, cpu: str
+                  ) -> Callable[[ms.database.TuningRecord], bool]:
+    """A ``keep`` for :func:`merge` and :func:`prune` that drops the records tuned on ``cpu``
+    of the workloads in ``slower`` (from :func:`slower_than_default`); other CPUs' records
+    stay, as they cannot be timed here."""
+    return lambda record: (cpu_of(record.target) != cpu
+                           or not slower.has_workload(record.workload.mod))
+
+
 def _mean_secs(result) -> float:
     """Mean measured seconds of a runner result or tuning record (inf if it has none)."""
     secs = [float(s) for s in (result.run_secs or [])]
@@ -316,9 +343,9 @@ def _mean_secs(result) -> float:
 
 
 def prune(directory: str | os.PathLike, tasks: list[ms.ExtractedTask],
-          keep: Callable[[tvm.IRModule], bool] | None = None) -> int:
-    """Keep only the best record of each workload that one of ``tasks`` uses (and that
-    ``keep`` accepts). Returns the number of records kept."""
+          keep: Callable[[ms.database.TuningRecord], bool] = lambda record: True) -> int:
+    """Keep only the best record per CPU of each workload that one of ``tasks`` uses (of the
+    records ``keep`` accepts). Returns the number of records kept."""
     if not (Path(directory) / RECORDS).is_file():
         raise ConfigError(f"{os.fspath(directory)}: no tuning database ({RECORDS})")
     used = ms.database.MemoryDatabase()
@@ -326,4 +353,4 @@ def prune(directory: str | os.PathLike, tasks: list[ms.ExtractedTask],
         used.commit_workload(task.dispatched[0])
     database = open_database(directory)
     return _write(directory, lambda out: _copy_best(
-        [database], out, lambda mod: used.has_workload(mod) and (keep is None or keep(mod))))
+        [database], out, lambda record: used.has_workload(record.workload.mod) and keep(record)))

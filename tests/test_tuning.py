@@ -56,6 +56,17 @@ def tuned(rpc_tracker, tmp_path_factory):
     return model, path, database
 
 
+def commit_copy(record: ms.database.TuningRecord, database: ms.database.Database, secs: float,
+                cpu: str | None = None) -> None:
+    """Commit the record to ``database`` with its measured time (and its target's CPU)
+    replaced."""
+    target = record.target if cpu is None else \
+        tvm.target.Target({**record.target.export(), "mcpu": cpu})
+    database.commit_tuning_record(ms.database.TuningRecord(
+        record.trace, database.commit_workload(record.workload.mod), [secs], target,
+        record.args_info))
+
+
 def test_tuned_record_is_applied_and_step_matches_pytorch(tuned, tmp_path):
     model, path, database = tuned
     records = tuning.open_database(database).get_all_tuning_records()
@@ -104,10 +115,7 @@ def test_prune_drops_records_slower_than_the_default(tuned, tmp_path):
     keeps it."""
     _, path, database = tuned
     (record,) = tuning.open_database(database).get_all_tuning_records()
-    slow = tuning.open_database(tmp_path / "slow")
-    slow.commit_tuning_record(ms.database.TuningRecord(
-        record.trace, slow.commit_workload(record.workload.mod), [1e3], record.target,
-        record.args_info))
+    commit_copy(record, tuning.open_database(tmp_path / "slow"), 1e3)
     prune = ["tune.py", "prune", str(tmp_path / "slow"), str(path), "--train", "all",
              "--batch", "4"]
     run(*prune)
@@ -124,15 +132,37 @@ def test_schedules_option_errors(tuned, tmp_path):
         tuning.runner("nohost", "key")
 
 
-def test_records_from_another_cpu_warn(tuned, tmp_path):
-    _, _, database = tuned
-    cpu = str(targets.get("host").tvm_target().attrs["mcpu"])
-    for name in (tuning.WORKLOADS, tuning.RECORDS):
-        text = (database / name).read_text()
-        (tmp_path / name).write_text(text.replace(f'"mcpu":"{cpu}"', '"mcpu":"cortex-a53"'))
-    assert '"cortex-a53"' in (tmp_path / tuning.RECORDS).read_text()
-    with pytest.warns(UserWarning, match=f"tuned on cortex-a53, this target's CPU is {cpu}"):
-        tuning.database_for(targets.get("host"), tmp_path, lambda message: None)
+def test_records_of_another_cpu_are_skipped(tuned, tmp_path):
+    """A database with the record tuned on this CPU and a faster one of the same kernel tuned
+    on cortex-a53: compile applies this CPU's record (with a warning about the other), merge
+    and prune keep both, and ``except_slower`` drops only this CPU's."""
+    _, path, database = tuned
+    (record,) = tuning.open_database(database).get_all_tuning_records()
+    cpu = tuning.cpu_of(targets.get("host").tvm_target())
+    assert tuning.cpu_of(record.target) == cpu
+    mixed = tuning.open_database(tmp_path / "mixed")
+    commit_copy(record, mixed, 1.0, cpu)
+    commit_copy(record, mixed, 1e-6, "cortex-a53")
+    with pytest.warns(UserWarning, match=f"skipped the records tuned on cortex-a53; this "
+                                         f"target's CPU is {cpu}, with 1 records"):
+        applied = tuning.database_for(targets.get("host"), tmp_path / "mixed", lambda m: None)
+    assert [(tuning.cpu_of(r.target), [float(s) for s in r.run_secs])
+            for r in applied.get_all_tuning_records()] == [(cpu, [1.0])]
+
+    assert tuning.merge([tmp_path / "mixed"], tmp_path / "merged") == 2
+    tasks = tuning.extract_tasks([gftvm.compiler.build_program(path, "all", 4).mod],
+                                 tuning.tuning_target(targets.get("host")))
+    slower = ms.database.MemoryDatabase()
+    slower.commit_workload(record.workload.mod)
+    assert tuning.prune(tmp_path / "merged", tasks) == 2
+    assert tuning.prune(tmp_path / "merged", tasks, tuning.except_slower(slower, cpu)) == 1
+    (left,) = tuning.open_database(tmp_path / "merged").get_all_tuning_records()
+    assert tuning.cpu_of(left.target) == "cortex-a53"
+
+    only_other = tmp_path / "other"
+    tuning.merge([tmp_path / "merged"], only_other)
+    with pytest.warns(UserWarning, match="with 0 records"):
+        assert tuning.database_for(targets.get("host"), only_other, lambda m: None) is None
 
 
 @pytest.mark.parametrize("record_secs, dropped", [(1e3, True), (1e-12, False)])
@@ -141,10 +171,7 @@ def test_records_no_faster_than_the_default_are_dropped(tuned, tmp_path, record_
     record's measured time (here set to 1000 s and to 1 ps)."""
     _, path, database = tuned
     (record,) = tuning.open_database(database).get_all_tuning_records()
-    faked = tuning.open_database(tmp_path)
-    faked.commit_tuning_record(ms.database.TuningRecord(
-        record.trace, faked.commit_workload(record.workload.mod), [record_secs], record.target,
-        record.args_info))
+    commit_copy(record, tuning.open_database(tmp_path), record_secs)
     spec = targets.get("host")
     tasks = tuning.extract_tasks([gftvm.compiler.build_program(path, "all", 4).mod],
                                  tuning.tuning_target(spec))

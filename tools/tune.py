@@ -114,20 +114,21 @@ def main(argv: list[str] | None = None) -> int:
             args.work_dir = args.work_dir or os.path.join("out", "tune", args.target)
         tasks = tuning.extract_tasks(train_steps(args, log), target)
         if args.command == "prune":
-            keep = None
+            keep = lambda record: True
             if args.drop_slower:
                 slower = tuning.slower_than_default(tasks, args.database, target,
                                                     tuning.builder(spec, 1),
                                                     tuning.runner(None, None))
-                log(f"{len(slower.workloads)} records no faster than the default schedule")
-                keep = lambda mod: not slower.has_workload(mod)
+                log(f"{len(slower.workloads)} records no faster than the default schedule "
+                    f"({tuning.cpu_of(target)})")
+                keep = tuning.except_slower(slower, tuning.cpu_of(target))
             log(f"{args.database}: {tuning.prune(args.database, tasks, keep)} records kept "
                 f"for {len(tasks)} kernels")
             return 0
         output = args.output or os.fspath(tuning.SCHEDULES / args.target)
         chosen = selected(tasks, args.ops)
         if args.untuned_only:
-            chosen = tuning.without_records(chosen, output)
+            chosen = tuning.without_records(chosen, output, tuning.cpu_of(target))
         if args.max_tasks is not None:
             chosen = tuning.heaviest(chosen, args.max_tasks)
         log(f"{len(tasks)} distinct kernels, tuning {len(chosen)} ({args.ops}) for "
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             tuning.slower_than_default(chosen, args.work_dir, target, builder, runner)
         log(f"{len(slower.workloads)} of {len(chosen)} kernels tuned no faster than their "
             f"default schedule: their records are not kept")
-        kept = tuning.merge([args.work_dir], output, lambda mod: not slower.has_workload(mod))
+        kept = tuning.merge([args.work_dir], output,
+                            tuning.except_slower(slower, tuning.cpu_of(target)))
         log(f"{output}: {kept} records")
     except gftvm.GftvmError as err:
         print(f"error: {err}", file=sys.stderr)
