@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python tools/bench.py profile
 	$(VENV)/bin/python tools/bench.py ort
 	$(VENV)/bin/python tools/bench.py layers --csv bench/results/layers.csv \
+		--profile bench/results/profile_layers.txt \
 		--plot bench/results/layers.png
 
 clean:

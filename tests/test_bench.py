@@ -115,6 +115,28 @@ def test_filtered_backward_costs_match_the_compiled_function(layer):
         math.prod(int(d) for d in ty.shape) * 4 for ty in tensors)
 
 
+def test_layer_profile_times_every_kernel_of_the_backward():
+    """One row per kernel call of the compiled filtered backward, named as the lowered
+    module's kernels, each with a measured time and its arguments' bytes."""
+    layer = ConvGeometry(2, (2, 8, 6, 10), (8, 8, 3, 3), (2, 8, 6, 10), (1, 1), (1, 1), 1)
+    executable = bench_cli.compiled_filtered_backward(layer)
+    rng = np.random.default_rng(0)
+    inputs = [tvm.runtime.tensor(rng.normal(size=shape).astype("float32"))
+              for shape in (layer.y_shape, (2, 8, *layer.blocks), layer.w_shape)]
+    lines = bench_cli.layer_profile(layer, executable, inputs, flops_rate=1e11,
+                                    bandwidth=1e10, repeat=2)
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[1:]}
+    lowered = tuning.lower(bench_cli.filtered_backward_module(layer),
+                           targets.get("host").tvm_target())
+    kernels = {gv.name_hint for gv, f in lowered.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc)}
+    # every row a kernel; a reshape kernel may run as the VM's builtin (a view) instead
+    assert {"avg_pool2d", "sum", "conv2d_transpose", "einsum"} <= set(rows) <= kernels
+    assert len(rows) == len(lines) - 1 and all(row[0] > 0 for row in rows.values())
+    einsum_bytes = 4 * (2 * 2 * 8 * math.prod(layer.blocks) + 8 * 8)  # g_pool, x_sum -> (8, 8)
+    assert rows["einsum"][3] == pytest.approx(einsum_bytes / 1e6, abs=0.05)
+
+
 def test_roofline_floor_is_the_slower_bound():
     assert bench_cli.roofline_floor_ms(2e9, 1e9, 1e12, 1e12) == (2.0, 1.0, 2.0)
     assert bench_cli.roofline_floor_ms(1e9, 3e9, 1e12, 1e12) == (1.0, 3.0, 3.0)

@@ -32,7 +32,7 @@
         train-step time of one onnxruntime-training artifact (32x32, SGD): in ORT's training
         API vs compiled by gftvm, exact (BP) and with gradient filtering R2 (GF)
     python tools/bench.py layers [--patch 2 4] [--shapes CxHxW ...] [--batch 8] [--csv F]
-                                 [--plot F]
+                                 [--plot F] [--profile F]
         per-layer conv backward on the paper's shapes: gftvm's compiled gradient-filter
         backward vs PyTorch's oneDNN exact backward (grad_x + grad_w) vs PyTorch-eager
         gradient filtering, and the roofline floor of the filtered backward: the larger of
@@ -43,7 +43,8 @@
         multiply-adds in registers only).
         bp/floor is the speedup over oneDNN's backward that the floor
         allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
-        machine can reach that goal
+        machine can reach that goal. --profile F: each kernel of every filtered backward
+        timed alone, its FLOP/s against the FMA peak and argument bytes/s against the copy
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from gftvm.timing import median_ms
 
 if TYPE_CHECKING:
     import tvm
+    from tvm import relax
 
     from gftvm.passes.gradient_filter import ConvGeometry
 
@@ -118,6 +120,9 @@ def parse_args() -> argparse.Namespace:
                         metavar="CxHxW", help="conv shapes (default: the paper's)")
     layers.add_argument("--csv", default="out/bench_layers.csv")
     layers.add_argument("--plot", default="out/bench_layers.png")
+    layers.add_argument("--profile", metavar="FILE",
+                        help="also time each kernel of every filtered backward alone, with its "
+                             "share of the FMA peak and of the copy speed, into FILE")
     return parser.parse_args()
 
 
@@ -397,17 +402,41 @@ def filtered_backward_module(layer: ConvGeometry) -> tvm.IRModule:
     return bb.get()
 
 
-def compiled_filtered_backward(layer: ConvGeometry):
+def compiled_filtered_backward(layer: ConvGeometry) -> relax.Executable:
     """:func:`filtered_backward_module` compiled (fused and default-scheduled as in a train
-    step), as a callable."""
-    import tvm
-    from tvm import relax
-
+    step)."""
     from gftvm import targets, tuning
 
     executable, _ = tuning.compile_module(filtered_backward_module(layer),
                                           targets.get("host").tvm_target(), None)
-    return relax.VirtualMachine(executable, tvm.cpu())["backward"]
+    return executable
+
+
+def layer_profile(layer: ConvGeometry, executable: relax.Executable, inputs: list,
+                  flops_rate: float, bandwidth: float, repeat: int) -> list[str]:
+    """Each kernel of the compiled filtered backward timed alone on its arguments in the
+    backward (tools/bench_profile.py), with its FLOPs (TVM's estimate) per second as a share
+    of the FMA peak, and the bytes of its arguments (each read or written once: a lower bound
+    of its traffic) per second as a share of the copy speed: which kernels keep the backward
+    above its floor."""
+    import tvm
+    from tvm import relax, s_tir
+
+    from gftvm import targets, tuning
+    from bench_profile import kernel_calls, kernel_us
+
+    lowered = tuning.lower(filtered_backward_module(layer), targets.get("host").tvm_target())
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    lines = [f"{'kernel':36} {'ms':>8} {'GFLOP/s':>8} {'% peak':>7} {'MB':>7} {'GB/s':>6} "
+             f"{'% copy':>7}"]
+    for symbol, args in kernel_calls(vm, "backward", inputs):
+        ms = kernel_us(executable.mod, symbol, args, repeat) / 1e3
+        flops = s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": lowered[symbol]}))
+        nbytes = sum(math.prod(a.shape) * 4 for a in args)
+        lines.append(f"{symbol[:36]:36} {ms:8.4f} {flops / ms / 1e6:8.1f} "
+                     f"{100 * flops / ms / 1e-3 / flops_rate:7.1f} {nbytes / 1e6:7.1f} "
+                     f"{nbytes / ms / 1e6:6.1f} {100 * nbytes / ms / 1e-3 / bandwidth:7.1f}")
+    return lines
 
 
 def filtered_backward_bytes(layer: ConvGeometry) -> int:
@@ -544,6 +573,7 @@ def bench_layers(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
     import tvm
+    from tvm import relax
 
     from gftvm.passes.gradient_filter import ConvGeometry
 
@@ -554,7 +584,7 @@ def bench_layers(args: argparse.Namespace) -> None:
           f"of the same bytes (copy_GBps)")
     widths = [max(8, len(h)) for h in LAYER_COLUMNS]
     print(" ".join(f"{h:>{width}}" for h, width in zip(LAYER_COLUMNS, widths)))
-    rows = []
+    rows, profiles = [], []
     n = args.batch
     for c, h, w in args.shapes:
         rng = np.random.default_rng(0)
@@ -568,7 +598,8 @@ def bench_layers(args: argparse.Namespace) -> None:
             layer = ConvGeometry(patch, (n, c, h, w), (c, c, 3, 3), (n, c, h, w), (1, 1),
                                  (1, 1), 1)
             x_sum = torch.nn.functional.avg_pool2d(x, patch, patch, ceil_mode=True) * patch ** 2
-            backward = compiled_filtered_backward(layer)
+            executable = compiled_filtered_backward(layer)
+            backward = relax.VirtualMachine(executable, tvm.cpu())["backward"]
             inputs = [tvm.runtime.tensor(t.numpy()) for t in (gy, x_sum, weight)]
             gf = median_ms(lambda: backward(*inputs), args.repeat, min_seconds=MIN_SECONDS)
             eager = median_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
@@ -583,6 +614,11 @@ def bench_layers(args: argparse.Namespace) -> None:
             rows.append(dict(zip(LAYER_COLUMNS, values)))
             print(" ".join(f"{v:>{width}.2f}" if isinstance(v, float) else f"{v:>{width}}"
                            for v, width in zip(values, widths)), flush=True)
+            if args.profile:
+                profiles += [f"{c}x{h}x{w} R{patch}: backward {gf:.3f} ms, floor {floor:.3f} ms "
+                             f"(traffic {traffic:.3f}, compute {compute:.3f})",
+                             *layer_profile(layer, executable, inputs, flops_rate, bandwidth,
+                                            args.repeat), ""]
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         f.write(f"# {machine_description(args)}; fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s; "
@@ -593,6 +629,12 @@ def bench_layers(args: argparse.Namespace) -> None:
                           for r in rows])
     plot_layers(rows, args.plot)
     print(f"wrote {args.csv} and {args.plot}")
+    if args.profile:
+        with open(args.profile, "w") as f:
+            f.write(f"Kernels of the filtered backward, each timed alone; "
+                    f"{machine_description(args)}; fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s"
+                    f"\n\n" + "\n".join(profiles))
+        print(f"wrote {args.profile}")
 
 
 def pyplot():

@@ -130,12 +130,31 @@ def profile_train_step(directory: str, repeat: int) -> Profile:
     for symbol, call_args in kernels:
         first_args.setdefault(symbol, call_args)
         profile.calls[symbol] += 1
-    modules = [library, *library.imports]
     for symbol, call_args in first_args.items():
-        module = next(m for m in modules if m.implements_function(symbol))
-        timer = module.time_evaluator(symbol, tvm.cpu(), number=3, repeat=repeat)
-        profile.us[symbol] = timer(*call_args).median * 1e6 * profile.calls[symbol]
+        profile.us[symbol] = kernel_us(library, symbol, call_args, repeat) * profile.calls[symbol]
     return profile
+
+
+def kernel_us(library: tvm.runtime.Module, symbol: str, args: list, repeat: int) -> float:
+    """Microseconds of one call of a kernel of ``library`` run alone on ``args``: the median
+    of ``repeat`` means of 3 runs, by TVM's C++ ``time_evaluator``."""
+    module = next(m for m in [library, *library.imports] if m.implements_function(symbol))
+    return module.time_evaluator(symbol, tvm.cpu(), number=3, repeat=repeat)(*args).median * 1e6
+
+
+def kernel_calls(vm: relax.VirtualMachine, function: str, args: list) -> list[tuple[str, list]]:
+    """The kernel calls (symbol, argument tensors) of one run of ``vm[function]``."""
+    calls = []
+
+    def instrument(func, symbol: str, before: bool, ret, *call_args) -> int:
+        if before and not is_builtin(symbol):
+            calls.append((symbol, list(call_args)))
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    vm[function](*args)
+    vm.set_instrument(lambda *_: 0)
+    return calls
 
 
 def profile_in_fresh_process(directory: str, threads: int, repeat: int) -> Profile:
