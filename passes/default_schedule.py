@@ -5,10 +5,13 @@ reduction loops innermost, where LLVM cannot vectorize. This pass gives every Pr
 not scheduled yet (no ``tirx.is_scheduled``, which a tuning record sets) a fixed schedule:
 
 1. Producers are inlined into their consumers, except a producer with a condition (padding)
-   into a reduction, where the condition would sit in the innermost loop. Padding that no
-   consumer reads (the arithmetic analyzer proves the condition true at every point that a
-   consumer's read region covers, e.g. ceil-mode pools whose windows tile the map exactly) is
-   inlined without its condition: the consumer reads the unpadded map directly.
+   into a reduction, where the condition would sit in the innermost loop. The parts of a
+   padding's condition that no consumer reads past (the arithmetic analyzer proves them true
+   at every point that a consumer's read region covers, e.g. ceil-mode pools whose windows
+   tile the map exactly) are dropped: the consumer reads the unpadded map directly. Padding
+   whose remaining condition leaves the map's rows alone (a ceil-mode pool whose last windows
+   are partial only along H) is inlined into a pool with it: the condition is the same for
+   every lane of a vector over the row, one branch per row read, not a padded copy.
 2. A dense reduction block (conv, conv_transpose, matmul, weight gradients) gets a *register
    tile*: a spatial ``vector`` axis, contiguous in every input that uses it (after a relayout
    copy, as below), and tile axes that those inputs do not use (at least ``TILE_MIN`` tile
@@ -88,6 +91,7 @@ that refuses) keeps its loops as they are.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -737,18 +741,19 @@ def _loops_by_iter(sch: s_tir.Schedule, block) -> dict[tirx.Var, s_tir.schedule.
 
 
 def _inline(sch: s_tir.Schedule, block) -> bool:
-    """Inline the block into its consumers, unless it is padding that a reduction reads. Padding
-    that no consumer reads (:func:`_padding_unread`) is inlined without its condition."""
+    """Inline the block into its consumers, unless it is padding whose condition would sit in a
+    reduction's vector loop. Parts of a padding's condition that every read satisfies
+    (:func:`_holds_where_read`) are dropped first."""
     consumers = sch.get_consumers(block)
     if not consumers:
         return False
     condition = _condition(sch.get(block))
-    if condition is not None and _padding_unread(sch, block, condition, consumers):
-        _drop_condition(sch, block, condition)
-    elif condition is not None and any(
-            any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(c).iter_vars)
-            for c in consumers):
-        return False
+    if condition is not None:
+        kept = [c for c in _conjuncts(condition.args[0])
+                if not _holds_where_read(sch, block, c, consumers)]
+        if kept and not _branch_per_row(sch, block, kept, consumers):
+            return False
+        _set_condition(sch, block, condition, kept)
     sch.compute_inline(block)
     return True
 
@@ -761,10 +766,29 @@ def _condition(block: s_tir.SBlock) -> tvm.ir.Call | None:
     return None
 
 
-def _padding_unread(sch: s_tir.Schedule, block, condition: tvm.ir.Call, consumers) -> bool:
-    """Whether every consumer reads the block's output only where its condition holds: for each
-    read region of that buffer, with the block's iterators bound to a point of the region and the
-    consumer's iterators ranging over their domains, the analyzer proves the condition."""
+def _branch_per_row(sch: s_tir.Schedule, block, condition: list[tirx.Expr], consumers
+                    ) -> bool:
+    """Whether the block's ``condition`` may go along into its consumers: none of them is a
+    reduction, or each reduction reads this block alone (a pool) and the condition leaves the
+    block's last index (the row) alone, so one branch covers a vector over the row."""
+    reductions = [sch.get(c) for c in consumers if any(
+        iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(c).iter_vars)]
+    row = sch.get(block).body.indices[-1]
+    return not reductions or all(len(r.reads) == 1 for r in reductions) and not any(
+        row.same_as(v) for c in condition for v in tirx.analysis.undefined_vars(c))
+
+
+def _conjuncts(expr: tirx.Expr) -> list[tirx.Expr]:
+    if isinstance(expr, tirx.And):
+        return _conjuncts(expr.a) + _conjuncts(expr.b)
+    return [expr]
+
+
+def _holds_where_read(sch: s_tir.Schedule, block, condition: tirx.Expr, consumers) -> bool:
+    """Whether ``condition`` (on the block's iterators) holds wherever a consumer reads the
+    block's output: for each read region of that buffer, with the block's iterators bound to a
+    point of the region and the consumer's iterators ranging over their domains, the analyzer
+    proves it."""
     store = sch.get(block).body
     if not all(isinstance(i, tirx.Var) for i in store.indices):
         return False
@@ -779,16 +803,22 @@ def _padding_unread(sch: s_tir.Schedule, block, condition: tvm.ir.Call, consumer
                 offset = tirx.Var(f"{index.name}_offset", index.ty)
                 analyzer.bind(offset, tvm.ir.Range.from_min_extent(0, r.extent))
                 analyzer.bind(index, r.min + offset)
-            if not analyzer.can_prove(condition.args[0]):
+            if not analyzer.can_prove(condition):
                 return False
     return True
 
 
-def _drop_condition(sch: s_tir.Schedule, block, condition: tvm.ir.Call) -> None:
-    """Replace the block's value ``if_then_else(c, a, b)`` by ``a`` (sound only where every read
-    of it has ``c``)."""
+def _set_condition(sch: s_tir.Schedule, block, condition: tvm.ir.Call,
+                   kept: list[tirx.Expr]) -> None:
+    """Replace the block's value ``if_then_else(c, a, b)`` by ``if_then_else(kept, a, b)``, or
+    by ``a`` if nothing is kept (sound only where every read satisfies the dropped parts)."""
     stmt = sch.get(block)
-    store = tirx.BufferStore(stmt.body.buffer, condition.args[1], stmt.body.indices)
+    if len(kept) == len(_conjuncts(condition.args[0])):
+        return
+    value = condition.args[1]
+    if kept:
+        value = tirx.if_then_else(functools.reduce(tirx.And, kept), value, condition.args[2])
+    store = tirx.BufferStore(stmt.body.buffer, value, stmt.body.indices)
     plain = s_tir.SBlock(stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, store,
                          stmt.init, stmt.alloc_buffers, stmt.match_buffers, stmt.annotations)
     sch.state.replace(sch.get_sref(block), plain, {stmt: plain})

@@ -73,6 +73,27 @@ def test_padding_the_windows_never_read_is_inlined():
     tvm.ir.assert_structural_equal(schedule_kernel(padded, NEON), expected)
 
 
+def test_padding_along_rows_only_is_inlined_into_the_pool():
+    """A ceil-mode 4x4 pool of a 6x8 map reads padding below the map but none beside it (8
+    columns tile exactly): the padding is inlined with its row condition only, into the window
+    rows' sum, where one condition covers each vector over the row; no padded copy."""
+    scheduled = schedule_kernel(only_kernel(kernels(lambda x: relax.op.nn.avg_pool2d(
+        x, 4, 4, ceil_mode=True, count_include_pad=False), (2, 8, 6, 8))), NEON)
+    sch = s_tir.Schedule(scheduled)
+    blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    assert "pad_temp" not in blocks
+    rows = blocks["pool_sum_rf_update"]
+    loops = sch.get_loops(rows)
+    vector = next(sch.get(loop).loop_var for loop in loops
+                  if sch.get(loop).kind == tirx.ForKind.VECTORIZED)
+    realize = sch.get(loops[-1]).body
+    binding = {iv.var: value for iv, value in zip(realize.block.iter_vars, realize.iter_values)}
+    condition = realize.block.body.value.b.args[0]
+    used = tirx.analysis.undefined_vars(condition)
+    assert used and not any(vector.same_as(v) for var in used
+                            for v in tirx.analysis.undefined_vars(binding[var]))
+
+
 def test_padding_a_window_reads_is_kept():
     """An overlapping 3x3 stride-2 max pool (ResNet's) reads its padding: the padded copy stays
     a block of its own (inlined, its condition would sit in the reduction loops)."""
@@ -449,6 +470,8 @@ CASES = {
         x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 4, 4)),
     "avg_pool_ceil_reads_padding": (lambda x: relax.op.nn.avg_pool2d(
         x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 6, 6)),
+    "avg_pool_ceil_partial_rows": (lambda x: relax.op.nn.avg_pool2d(
+        x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 6, 16)),
     "max_pool_padded": (lambda x: relax.op.nn.max_pool2d(x, 3, 2, padding=1), (8, 16, 8, 8)),
     "max_pool_windows": (lambda x: relax.op.nn.max_pool2d(x, 2, 2), (8, 16, 8, 24)),
     "sum_hw": (lambda x: relax.op.sum(x, axis=[2, 3]), (8, 16, 8, 8)),
@@ -474,8 +497,8 @@ CASES = {
 }
 #: The kernels whose reduction gets a register tile (the others have no axis to tile).
 TILED = set(CASES) - {"depthwise", "avg_pool", "avg_pool_ceil_tiling",
-                      "avg_pool_ceil_reads_padding", "max_pool_padded", "max_pool_windows",
-                      "sum_hw", "tap_sum"}
+                      "avg_pool_ceil_reads_padding", "avg_pool_ceil_partial_rows",
+                      "max_pool_padded", "max_pool_windows", "sum_hw", "tap_sum"}
 
 
 @pytest.mark.parametrize("case", CASES)
