@@ -433,7 +433,7 @@ def layer_profile(layer: ConvGeometry, executable: relax.Executable, inputs: lis
         ms = kernel_us(executable.mod, symbol, args, repeat) / 1e3
         flops = s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": lowered[symbol]}))
         nbytes = sum(math.prod(a.shape) * 4 for a in args)
-        lines.append(f"{symbol[:36]:36} {ms:8.4f} {flops / ms / 1e6:8.1f} "
+        lines.append(f"{symbol[:36]:36} {ms:8.4g} {flops / ms / 1e6:8.1f} "
                      f"{100 * flops / ms / 1e-3 / flops_rate:7.1f} {nbytes / 1e6:7.1f} "
                      f"{nbytes / ms / 1e6:6.1f} {100 * nbytes / ms / 1e-3 / bandwidth:7.1f}")
     return lines
