@@ -213,3 +213,35 @@ def test_steps_are_timed_in_interleaved_rounds(monkeypatch):
     assert order == ["bp", "gf", "naive", "bp", "gf", "bp", "gf"]
     assert results == {"bp": {"ms": 3.0, "peak_mib": 10.0}, "gf": {"ms": 4.0, "peak_mib": 20.0},
                        "naive": {"ms": 7.0, "peak_mib": 30.0}}
+
+
+def test_layers_are_timed_in_interleaved_rounds(monkeypatch, tmp_path):
+    """A shape's oneDNN BP, compiled GF and eager GF backwards are timed in turn, round after
+    round, and the table holds each one's median round; the GF timed is the compiled
+    backward (its results checked against PyTorch-eager GF)."""
+    order, results = [], {}
+    times = {"bp": iter([5.0, 1.0, 3.0]), "gf": iter([0.2, 0.9, 0.4]),
+             "eager": iter([2.0, 6.0, 4.0])}
+
+    def median_ms(run, repeat, min_seconds=0.0):
+        kind = ("bp" if run.func is torch.ops.aten.convolution_backward else
+                "eager" if run.func is bench_cli.eager_filtered_backward else "gf")
+        order.append(kind)
+        results[kind] = run()
+        return next(times[kind])
+    monkeypatch.setattr(bench_cli, "median_ms", median_ms)
+    monkeypatch.setattr(bench_cli, "fma_peak_rate", lambda threads: 1e11)
+    monkeypatch.setattr(bench_cli, "copy_bandwidth", lambda nbytes: 1e10)
+    monkeypatch.setattr(bench_cli, "plot_layers", lambda rows, path: None)
+    args = bench_cli.argparse.Namespace(
+        shapes=[(4, 6, 8)], patch=[2], batch=2, rounds=3, repeat=1, threads=2,
+        csv=str(tmp_path / "layers.csv"), plot=None, profile=None)
+    bench_cli.bench_layers(args)
+    assert order == ["bp", "gf", "eager"] * 3
+    with open(args.csv) as f:
+        row = list(bench_cli.csv.DictReader(line for line in f if not line.startswith("#")))[0]
+    assert [float(row[k]) for k in ("torch_bp_ms", "gftvm_gf_ms", "eager_gf_ms")] == \
+        [3.0, 0.4, 4.0]
+    grad_x, grad_w = (t.numpy() for t in results["gf"])
+    np.testing.assert_allclose(grad_x, results["eager"][0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad_w, results["eager"][1].numpy(), rtol=1e-4, atol=1e-5)

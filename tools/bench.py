@@ -40,7 +40,8 @@
         at the speed of a copy of as many bytes, timed like the backward on buffers reused
         between runs, so from cache where they fit: copy_GBps) and its compute floor (its
         FLOPs, filtered_backward_flops, at the fp32 peak measured in the run: fma_peak_rate,
-        multiply-adds in registers only).
+        multiply-adds in registers only). A shape's BP, GF and eager GF backwards are timed
+        in turn in --rounds rounds; the median round counts.
         bp/floor is the speedup over oneDNN's backward that the floor
         allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
         machine can reach that goal. --profile F: each kernel of every filtered backward
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import math
 import os
@@ -89,7 +91,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=10, help="timed runs (after warm-up)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="steps: interleaved rounds in which every variant is timed")
+                        help="steps, layers: interleaved rounds in which every variant is "
+                             "timed; the median round counts")
     parser.add_argument("--memory-steps", type=int, default=3,
                         help="steps, ort: first steps of each measured train step, counted "
                              "for peak memory and the timing's warm-up")
@@ -224,15 +227,25 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
     return rows
 
 
+def interleaved_rounds(rounds: int, variants: dict, measure, once: frozenset = frozenset()
+                       ) -> dict[object, list]:
+    """``measure(variant)`` of every variant in each of ``rounds`` rounds, the variants in turn
+    (those in ``once``: the first round only), so that a slow stretch of a shared machine
+    falls on all of them alike: each key's results, one per round."""
+    results = {key: [] for key in variants}
+    for round_ in range(rounds):
+        for key, variant in variants.items():
+            if round_ == 0 or key not in once:
+                results[key].append(measure(variant))
+    return results
+
+
 def measure_rounds(args: argparse.Namespace, variants: dict, once: set) -> dict:
     """``ms`` (median over ``args.rounds`` rounds, one fresh process per variant and round,
     the variants in turn) and ``peak_mib`` (of the first round) of each variant; those in
     ``once`` are measured in the first round only."""
-    rounds = {key: [] for key in variants}
-    for round_ in range(args.rounds):
-        for key, variant in variants.items():
-            if round_ == 0 or key not in once:
-                rounds[key].append(measure(args, variant))
+    rounds = interleaved_rounds(args.rounds, variants, lambda v: measure(args, v),
+                                frozenset(once))
     return {key: {"ms": statistics.median(r["ms"] for r in results),
                   "peak_mib": results[0]["peak_mib"]} for key, results in rounds.items()}
 
@@ -591,19 +604,26 @@ def bench_layers(args: argparse.Namespace) -> None:
         x = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
         gy = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
         weight = torch.from_numpy(rng.normal(size=(c, c, 3, 3)).astype(np.float32))
-        torch_bp = median_ms(lambda: torch.ops.aten.convolution_backward(
-            gy, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [True, True, False]), args.repeat, min_seconds=MIN_SECONDS)
+        layers, runs = {}, {"bp": functools.partial(
+            torch.ops.aten.convolution_backward, gy, x, weight, None, [1, 1], [1, 1], [1, 1],
+            False, [0, 0], 1, [True, True, False])}
         for patch in args.patch:
             layer = ConvGeometry(patch, (n, c, h, w), (c, c, 3, 3), (n, c, h, w), (1, 1),
                                  (1, 1), 1)
             x_sum = torch.nn.functional.avg_pool2d(x, patch, patch, ceil_mode=True) * patch ** 2
             executable = compiled_filtered_backward(layer)
-            backward = relax.VirtualMachine(executable, tvm.cpu())["backward"]
             inputs = [tvm.runtime.tensor(t.numpy()) for t in (gy, x_sum, weight)]
-            gf = median_ms(lambda: backward(*inputs), args.repeat, min_seconds=MIN_SECONDS)
-            eager = median_ms(lambda: eager_filtered_backward(gy, x_sum, weight, patch),
-                              args.repeat, min_seconds=MIN_SECONDS)
+            layers[patch] = layer, executable, inputs
+            runs["gf", patch] = functools.partial(
+                relax.VirtualMachine(executable, tvm.cpu())["backward"], *inputs)
+            runs["eager", patch] = functools.partial(eager_filtered_backward, gy, x_sum,
+                                                     weight, patch)
+        ms = {key: statistics.median(times) for key, times in interleaved_rounds(
+            args.rounds, runs, lambda run: median_ms(run, args.repeat,
+                                                     min_seconds=MIN_SECONDS)).items()}
+        torch_bp = ms["bp"]
+        for patch, (layer, executable, inputs) in layers.items():
+            gf, eager = ms["gf", patch], ms["eager", patch]
             traffic_bytes = filtered_backward_bytes(layer)
             bandwidth = copy_bandwidth(traffic_bytes)
             traffic, compute, floor = roofline_floor_ms(
