@@ -749,11 +749,12 @@ def _inline(sch: s_tir.Schedule, block) -> bool:
         return False
     condition = _condition(sch.get(block))
     if condition is not None:
-        kept = [c for c in _conjuncts(condition.args[0])
-                if not _holds_where_read(sch, block, c, consumers)]
+        conjuncts = _conjuncts(condition.args[0])
+        kept = [c for c in conjuncts if not _holds_where_read(sch, block, c, consumers)]
         if kept and not _branch_per_row(sch, block, kept, consumers):
             return False
-        _set_condition(sch, block, condition, kept)
+        if len(kept) < len(conjuncts):
+            _set_condition(sch, block, condition, kept)
     sch.compute_inline(block)
     return True
 
@@ -813,8 +814,6 @@ def _set_condition(sch: s_tir.Schedule, block, condition: tvm.ir.Call,
     """Replace the block's value ``if_then_else(c, a, b)`` by ``if_then_else(kept, a, b)``, or
     by ``a`` if nothing is kept (sound only where every read satisfies the dropped parts)."""
     stmt = sch.get(block)
-    if len(kept) == len(_conjuncts(condition.args[0])):
-        return
     value = condition.args[1]
     if kept:
         value = tirx.if_then_else(functools.reduce(tirx.And, kept), value, condition.args[2])

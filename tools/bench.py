@@ -61,6 +61,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from gftvm.timing import median_ms
@@ -227,7 +228,7 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
     return rows
 
 
-def interleaved_rounds(rounds: int, variants: dict, measure, once: frozenset = frozenset()
+def interleaved_rounds(rounds: int, variants: dict, measure, once: Collection = ()
                        ) -> dict[object, list]:
     """``measure(variant)`` of every variant in each of ``rounds`` rounds, the variants in turn
     (those in ``once``: the first round only), so that a slow stretch of a shared machine
@@ -244,8 +245,7 @@ def measure_rounds(args: argparse.Namespace, variants: dict, once: set) -> dict:
     """``ms`` (median over ``args.rounds`` rounds, one fresh process per variant and round,
     the variants in turn) and ``peak_mib`` (of the first round) of each variant; those in
     ``once`` are measured in the first round only."""
-    rounds = interleaved_rounds(args.rounds, variants, lambda v: measure(args, v),
-                                frozenset(once))
+    rounds = interleaved_rounds(args.rounds, variants, lambda v: measure(args, v), once)
     return {key: {"ms": statistics.median(r["ms"] for r in results),
                   "peak_mib": results[0]["peak_mib"]} for key, results in rounds.items()}
 
