@@ -687,8 +687,9 @@ def _rfactor(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce: list[_Axi
 def _window(block: s_tir.SBlock, spatial: list[_Axis], reduce: list[_Axis]) -> _Axis | None:
     """For a pool whose windows tile its input's rows (one input, read at ``s q + rx`` along
     the row with ``s`` the extent of reduction axis ``rx``, the output's contiguous axis ``q``
-    innermost, and other reduction axes to sum over), that ``rx``; else None."""
-    if len(block.reads) != 1 or len(reduce) < 2 or len(spatial) < 2:
+    innermost, and another reduction axis longer than 1 to sum over), that ``rx``; else None.
+    (A 1xk pool has nothing to sum before its windows, so it is vectorized along its row.)"""
+    if len(block.reads) != 1 or len(spatial) < 2 or sum(a.extent > 1 for a in reduce) < 2:
         return None
     read, q = block.reads[0], spatial[-1]
     if q.extent == 1 or _stride(block.writes[0], q.var) != 1:

@@ -472,6 +472,8 @@ CASES = {
         x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 6, 6)),
     "avg_pool_ceil_partial_rows": (lambda x: relax.op.nn.avg_pool2d(
         x, 4, 4, ceil_mode=True, count_include_pad=False), (8, 16, 6, 16)),
+    "avg_pool_1x4": (lambda x: relax.op.nn.avg_pool2d(x, (1, 4), (1, 4)), (8, 16, 6, 16)),
+    "avg_pool_4x1": (lambda x: relax.op.nn.avg_pool2d(x, (4, 1), (4, 1)), (8, 16, 8, 16)),
     "max_pool_padded": (lambda x: relax.op.nn.max_pool2d(x, 3, 2, padding=1), (8, 16, 8, 8)),
     "max_pool_windows": (lambda x: relax.op.nn.max_pool2d(x, 2, 2), (8, 16, 8, 24)),
     "sum_hw": (lambda x: relax.op.sum(x, axis=[2, 3]), (8, 16, 8, 8)),
@@ -498,6 +500,7 @@ CASES = {
 #: The kernels whose reduction gets a register tile (the others have no axis to tile).
 TILED = set(CASES) - {"depthwise", "avg_pool", "avg_pool_ceil_tiling",
                       "avg_pool_ceil_reads_padding", "avg_pool_ceil_partial_rows",
+                      "avg_pool_1x4", "avg_pool_4x1",
                       "max_pool_padded", "max_pool_windows", "sum_hw", "tap_sum"}
 
 
