@@ -245,3 +245,43 @@ def test_layers_are_timed_in_interleaved_rounds(monkeypatch, tmp_path):
     grad_x, grad_w = (t.numpy() for t in results["gf"])
     np.testing.assert_allclose(grad_x, results["eager"][0].numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(grad_w, results["eager"][1].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_records_are_timed_against_default_schedules_in_rounds(monkeypatch, tmp_path):
+    """Each step is compiled with default schedules and with the records, timed in turn round
+    after round in this process; the CSV holds the median rounds and how often tuned won, and
+    a step no record applies to is left out."""
+    compiled, order = [], []
+    times = {"default_ms": iter([5.0, 1.0, 3.0]), "tuned_ms": iter([4.0, 2.0, 2.0])}
+
+    class Artifact:
+        def __init__(self, schedules, filter):
+            self.manifest = {"tuned_kernels": 3 if schedules and filter is None else 0}
+
+        def save(self, directory):
+            pass
+
+    def compile_step(path, schedules, filter, **options):
+        compiled.append((schedules, filter and filter.patch, options["trainable"]))
+        return Artifact(schedules, filter)
+
+    def median_ms(run, repeat, min_seconds=0.0):
+        order.append(run())
+        return next(times[run()])
+    monkeypatch.setattr(gftvm, "compile", compile_step)
+    monkeypatch.setattr(models, "export_zoo_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(bench_steps, "gftvm_step",
+                        lambda variant: lambda: variant["dir"].rsplit("_", 2)[-2] + "_ms")
+    monkeypatch.setattr(bench_cli, "median_ms", median_ms)
+    args = bench_cli.argparse.Namespace(
+        models=["mcunet"], train=["last:4"], image_size=[8], filter_patch=[2], batch=2,
+        rounds=3, repeat=1, threads=2, csv=str(tmp_path / "records.csv"))
+    bench_cli.bench_records(args)
+    assert compiled == [(False, None, "last:4"), (True, None, "last:4"),
+                        (False, 2, "last:4"), (True, 2, "last:4")]
+    assert order == ["default_ms", "tuned_ms"] * 3
+    with open(args.csv) as f:
+        rows = list(bench_cli.csv.DictReader(line for line in f if not line.startswith("#")))
+    assert [(r["method"], r["tuned_kernels"], r["default_ms"], r["tuned_ms"],
+             r["default/tuned"], r["tuned_faster_rounds"]) for r in rows] == \
+        [("BP", "3", "3.0", "2.0", "1.5", "2")]

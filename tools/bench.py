@@ -31,6 +31,14 @@
     python tools/bench.py ort    [--models ...] [--filter-layers last:4] [--batch 8]
         train-step time of one onnxruntime-training artifact (32x32, SGD): in ORT's training
         API vs compiled by gftvm, exact (BP) and with gradient filtering R2 (GF)
+    python tools/bench.py --rounds 8 records [--models ...] [--train last:4] [--image-size 32]
+                                             [--filter-patch 2 4]
+        what the tuning records (schedules/host/, this CPU's) buy: each train step compiled
+        with default schedules only and with the records too, both loaded in this process
+        and timed in turn in --rounds rounds (a fresh process per run, as in steps, varies by
+        up to 20 % here, more than most records gain); steps no record applies to are left
+        out. Columns: the median round of each, default/tuned, and in how many rounds tuned
+        was the faster.
     python tools/bench.py layers [--patch 2 4] [--shapes CxHxW ...] [--batch 8] [--csv F]
                                  [--plot F] [--profile F]
         per-layer conv backward on the paper's shapes: gftvm's compiled gradient-filter
@@ -118,6 +126,13 @@ def parse_args() -> argparse.Namespace:
     ort = sub.add_parser("ort", help="an ORT artifact in ORT vs compiled by gftvm (BP, GF)")
     ort.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18", "mcunet"])
     ort.add_argument("--filter-layers", default="last:4")
+    records = sub.add_parser("records", help="train steps with and without tuning records, "
+                                             "in one process")
+    records.add_argument("--models", nargs="+", default=["mobilenetv2-0.35", "resnet18"])
+    records.add_argument("--train", nargs="+", default=["last:4"])
+    records.add_argument("--image-size", type=int, nargs="+", default=[32])
+    records.add_argument("--filter-patch", type=int, nargs="*", default=[2, 4])
+    records.add_argument("--csv", default="out/bench_records.csv")
     layers = sub.add_parser("layers", help="per-layer backward on the paper's shapes")
     layers.add_argument("--patch", nargs="+", type=int, default=[2, 4])
     layers.add_argument("--shapes", nargs="+", type=layer_shape, default=PAPER_SHAPES,
@@ -154,13 +169,7 @@ def bench_steps(args: argparse.Namespace) -> None:
     rows = []
     for size, name, spec in itertools.product(args.image_size, args.models, args.train):
         rows += bench_config(args, name, spec, size)
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        f.write(f"# {machine_description(args)}\n")
-        writer = csv.DictWriter(f, STEP_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.csv}")
+    write_csv(args.csv, machine_description(args), STEP_COLUMNS, rows)
     for size in args.image_size:
         plot = f"{os.path.splitext(args.csv)[0]}_{size}px.png"
         plot_steps([r for r in rows if r["image_size"] == size],
@@ -257,8 +266,7 @@ def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: in
     step variants to time by column."""
     import gftvm
 
-    options = dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
-                   filter=None if patch is None else gftvm.GradientFilter(patch, spec))
+    options = step_options(args, spec, patch)
     columns, variants = {}, {}
     for column, schedules, default, winograd in [
             ("naive_ms", False, False, False), ("direct_ms", False, True, False),
@@ -277,6 +285,15 @@ def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: in
         artifact.save(variants[column]["dir"])
         manifest = artifact.manifest
     return columns, manifest, variants
+
+
+def step_options(args: argparse.Namespace, spec: str, patch: int | None) -> dict:
+    """``gftvm.compile`` options of a benchmarked train step: SGD with momentum, ``spec``
+    trained, gradient filtering with R = ``patch`` on the same layers (None: exact BP)."""
+    import gftvm
+
+    return dict(trainable=spec, batch_size=args.batch, optimizer="sgd", lr=1e-3, momentum=0.9,
+                filter=None if patch is None else gftvm.GradientFilter(patch, spec))
 
 
 def ort_variant(model, trained: list[str], directory: str, base: dict) -> dict | None:
@@ -328,6 +345,59 @@ def format_step_row(row: dict) -> str:
             f"{cell(row['torch_fwd_upd_ms'], 9)} {cell(row['ort_bp_ms'], 9)} "
             f"{ratio('torch_bp_ms')} {ratio('torch_bp_ms', row['torch_fwd_upd_ms'])} "
             f"{ratio('ort_bp_ms')} | {memory}")
+
+
+RECORD_COLUMNS = ["model", "train", "method", "image_size", "batch", "tuned_kernels",
+                  "default_ms", "tuned_ms", "default/tuned", "tuned_faster_rounds", "rounds"]
+
+
+def bench_records(args: argparse.Namespace) -> None:
+    """Each train step with default schedules and with this CPU's records, in one process,
+    timed in turn round after round (see the module docstring)."""
+    import gftvm
+    import torch
+
+    from gftvm import models
+    from gftvm.data import synthetic
+    from bench_steps import MIN_SECONDS, gftvm_step
+
+    print(f"{'model':17} {'train':7} {'method':6} {'kernels':>7} {'default ms':>10} "
+          f"{'tuned ms':>9} {'default/tuned':>13} {'tuned faster':>12}")
+    rows = []
+    for size, name, spec in itertools.product(args.image_size, args.models, args.train):
+        with tempfile.TemporaryDirectory() as tmp:
+            images, _ = synthetic(args.batch, image_size=size)
+            onnx_path = os.path.join(tmp, "model.onnx")
+            models.export_zoo_model(name, onnx_path, size, calibration=torch.from_numpy(images))
+            for patch in [None, *args.filter_patch]:
+                steps, tuned_kernels = {}, 0
+                for column, schedules in (("default_ms", False), ("tuned_ms", True)):
+                    artifact = gftvm.compile(onnx_path, schedules=schedules,
+                                             **step_options(args, spec, patch))
+                    tuned_kernels = artifact.manifest["tuned_kernels"]
+                    directory = os.path.join(tmp, f"{patch}_{column}")
+                    artifact.save(directory)
+                    steps[column] = gftvm_step({"dir": directory, "batch": args.batch,
+                                                "image_size": size})
+                method = "BP" if patch is None else f"GF R{patch}"
+                if not tuned_kernels:
+                    print(f"{name:17} {spec:7} {method:6} no record applies")
+                    continue
+                ms = interleaved_rounds(args.rounds, steps, lambda step: median_ms(
+                    step, args.repeat, min_seconds=MIN_SECONDS))
+                default, tuned = (statistics.median(ms[c]) for c in ("default_ms", "tuned_ms"))
+                faster = sum(t < d for d, t in zip(ms["default_ms"], ms["tuned_ms"]))
+                row = {"model": name, "train": spec, "method": method, "image_size": size,
+                       "batch": args.batch, "tuned_kernels": tuned_kernels,
+                       "default_ms": round(default, 3), "tuned_ms": round(tuned, 3),
+                       "default/tuned": round(default / tuned, 3),
+                       "tuned_faster_rounds": faster, "rounds": args.rounds}
+                print(f"{name:17} {spec:7} {method:6} {tuned_kernels:7d} {default:10.2f} "
+                      f"{tuned:9.2f} {default / tuned:13.2f} {faster:>7d} of {args.rounds}",
+                      flush=True)
+                rows.append(row)
+    write_csv(args.csv, f"{machine_description(args)}; {args.rounds} rounds", RECORD_COLUMNS,
+              rows)
 
 
 def bench_ort(args: argparse.Namespace) -> None:
@@ -639,16 +709,12 @@ def bench_layers(args: argparse.Namespace) -> None:
                              f"(traffic {traffic:.3f}, compute {compute:.3f})",
                              *layer_profile(layer, executable, inputs, flops_rate, bandwidth,
                                             args.repeat), ""]
-    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        f.write(f"# {machine_description(args)}; fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s; "
-                f"traffic floors at the speed of a copy of the same bytes\n")
-        writer = csv.DictWriter(f, LAYER_COLUMNS)
-        writer.writeheader()
-        writer.writerows([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
-                          for r in rows])
+    write_csv(args.csv, f"{machine_description(args)}; fp32 FMA peak {flops_rate / 1e9:.1f} "
+              f"GFLOP/s; traffic floors at the speed of a copy of the same bytes", LAYER_COLUMNS,
+              [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+               for r in rows])
     plot_layers(rows, args.plot)
-    print(f"wrote {args.csv} and {args.plot}")
+    print(f"wrote {args.plot}")
     if args.profile:
         with open(args.profile, "w") as f:
             f.write(f"Kernels of the filtered backward, each timed alone; "
@@ -727,6 +793,17 @@ def plot_layers(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def write_csv(path: str, description: str, columns: list[str], rows: list[dict]) -> None:
+    """The rows as CSV under a comment line that describes the machine and the run."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        f.write(f"# {description}\n")
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
 def machine_description(args: argparse.Namespace) -> str:
     import tvm
 
@@ -744,7 +821,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     print(machine_description(args))
     {"steps": bench_steps, "profile": bench_profile, "ort": bench_ort,
-     "layers": bench_layers}[args.command](args)
+     "layers": bench_layers, "records": bench_records}[args.command](args)
     return 0
 
 
