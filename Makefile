@@ -27,6 +27,8 @@ bench: $(STAMP)
 		--image-size 32 128 --filter-patch 2 4
 	$(VENV)/bin/python tools/bench.py profile
 	$(VENV)/bin/python tools/bench.py ort
+	$(VENV)/bin/python tools/bench.py --rounds 8 records --image-size 32 128 \
+		--csv bench/results/records.csv
 	$(VENV)/bin/python tools/bench.py layers --csv bench/results/layers.csv \
 		--profile bench/results/profile_layers.txt \
 		--plot bench/results/layers.png
