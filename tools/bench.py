@@ -36,7 +36,7 @@
         what the tuning records (schedules/host/, this CPU's) buy: each train step compiled
         with default schedules only and with the records too, both loaded in this process
         and timed in turn in --rounds rounds (a fresh process per run, as in steps, varies by
-        up to 20 % here, more than most records gain); steps no record applies to are left
+        over 20 % here, more than most records gain); steps no record applies to are left
         out. Columns: the median round of each, default/tuned, and in how many rounds tuned
         was the faster.
     python tools/bench.py layers [--patch 2 4] [--shapes CxHxW ...] [--batch 8] [--csv F]
@@ -185,14 +185,11 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
     import onnx
     import torch
 
-    from gftvm import models, trainable
-    from gftvm.data import synthetic
+    from gftvm import trainable
     from bench_steps import MODEL_STATE
 
     with tempfile.TemporaryDirectory() as tmp:
-        images, _ = synthetic(args.batch, image_size=size)
-        onnx_path = os.path.join(tmp, "model.onnx")
-        model = models.export_zoo_model(name, onnx_path, size, calibration=torch.from_numpy(images))
+        onnx_path, model = export_model(args, name, size, tmp)
         torch.save(model.state_dict(), os.path.join(tmp, MODEL_STATE))
         base = {"batch": args.batch, "image_size": size}
         trained = trainable.resolve(onnx.load(onnx_path), spec)
@@ -354,50 +351,64 @@ RECORD_COLUMNS = ["model", "train", "method", "image_size", "batch", "tuned_kern
 def bench_records(args: argparse.Namespace) -> None:
     """Each train step with default schedules and with this CPU's records, in one process,
     timed in turn round after round (see the module docstring)."""
-    import gftvm
-    import torch
-
-    from gftvm import models
-    from gftvm.data import synthetic
-    from bench_steps import MIN_SECONDS, gftvm_step
-
     print(f"{'model':17} {'train':7} {'method':6} {'kernels':>7} {'default ms':>10} "
           f"{'tuned ms':>9} {'default/tuned':>13} {'tuned faster':>12}")
     rows = []
     for size, name, spec in itertools.product(args.image_size, args.models, args.train):
         with tempfile.TemporaryDirectory() as tmp:
-            images, _ = synthetic(args.batch, image_size=size)
-            onnx_path = os.path.join(tmp, "model.onnx")
-            models.export_zoo_model(name, onnx_path, size, calibration=torch.from_numpy(images))
+            onnx_path, _ = export_model(args, name, size, tmp)
             for patch in [None, *args.filter_patch]:
-                steps, tuned_kernels = {}, 0
-                for column, schedules in (("default_ms", False), ("tuned_ms", True)):
-                    artifact = gftvm.compile(onnx_path, schedules=schedules,
-                                             **step_options(args, spec, patch))
-                    tuned_kernels = artifact.manifest["tuned_kernels"]
-                    directory = os.path.join(tmp, f"{patch}_{column}")
-                    artifact.save(directory)
-                    steps[column] = gftvm_step({"dir": directory, "batch": args.batch,
-                                                "image_size": size})
-                method = "BP" if patch is None else f"GF R{patch}"
-                if not tuned_kernels:
-                    print(f"{name:17} {spec:7} {method:6} no record applies")
-                    continue
-                ms = interleaved_rounds(args.rounds, steps, lambda step: median_ms(
-                    step, args.repeat, min_seconds=MIN_SECONDS))
-                default, tuned = (statistics.median(ms[c]) for c in ("default_ms", "tuned_ms"))
-                faster = sum(t < d for d, t in zip(ms["default_ms"], ms["tuned_ms"]))
-                row = {"model": name, "train": spec, "method": method, "image_size": size,
-                       "batch": args.batch, "tuned_kernels": tuned_kernels,
-                       "default_ms": round(default, 3), "tuned_ms": round(tuned, 3),
-                       "default/tuned": round(default / tuned, 3),
-                       "tuned_faster_rounds": faster, "rounds": args.rounds}
-                print(f"{name:17} {spec:7} {method:6} {tuned_kernels:7d} {default:10.2f} "
-                      f"{tuned:9.2f} {default / tuned:13.2f} {faster:>7d} of {args.rounds}",
-                      flush=True)
-                rows.append(row)
+                row = records_row(args, onnx_path, name, spec, size, patch, tmp)
+                rows += [row] if row else []
     write_csv(args.csv, f"{machine_description(args)}; {args.rounds} rounds", RECORD_COLUMNS,
               rows)
+
+
+def records_row(args: argparse.Namespace, onnx_path: str, name: str, spec: str, size: int,
+                patch: int | None, directory: str) -> dict | None:
+    """One step (BP, or GF with R = ``patch``) compiled without and with the records and timed
+    in turn; None (and a line saying so) if no record applies to it."""
+    import gftvm
+
+    from bench_steps import MIN_SECONDS, gftvm_step
+
+    steps = {}
+    for column, schedules in (("default_ms", False), ("tuned_ms", True)):
+        artifact = gftvm.compile(onnx_path, schedules=schedules, **step_options(args, spec, patch))
+        path = os.path.join(directory, f"{patch}_{column}")
+        artifact.save(path)
+        steps[column] = gftvm_step({"dir": path, "batch": args.batch, "image_size": size})
+    tuned_kernels = artifact.manifest["tuned_kernels"]
+    method = "BP" if patch is None else f"GF R{patch}"
+    if not tuned_kernels:
+        print(f"{name:17} {spec:7} {method:6} no record applies")
+        return None
+    ms = interleaved_rounds(args.rounds, steps, lambda step: median_ms(
+        step, args.repeat, min_seconds=MIN_SECONDS))
+    default, tuned = (statistics.median(ms[c]) for c in ("default_ms", "tuned_ms"))
+    faster = sum(t < d for d, t in zip(ms["default_ms"], ms["tuned_ms"]))
+    print(f"{name:17} {spec:7} {method:6} {tuned_kernels:7d} {default:10.2f} {tuned:9.2f} "
+          f"{default / tuned:13.2f} {faster:>7d} of {args.rounds}", flush=True)
+    return {"model": name, "train": spec, "method": method, "image_size": size,
+            "batch": args.batch, "tuned_kernels": tuned_kernels,
+            "default_ms": round(default, 3), "tuned_ms": round(tuned, 3),
+            "default/tuned": round(default / tuned, 3), "tuned_faster_rounds": faster,
+            "rounds": args.rounds}
+
+
+def export_model(args: argparse.Namespace, name: str, size: int, directory: str):
+    """The zoo model ``name`` at ``size`` x ``size``, its BN statistics calibrated on the
+    synthetic batch that the steps train on, exported to ``directory``/model.onnx. Returns the
+    ONNX path and the PyTorch model."""
+    import torch
+
+    from gftvm import models
+    from gftvm.data import synthetic
+
+    images, _ = synthetic(args.batch, image_size=size)
+    onnx_path = os.path.join(directory, "model.onnx")
+    model = models.export_zoo_model(name, onnx_path, size, calibration=torch.from_numpy(images))
+    return onnx_path, model
 
 
 def bench_ort(args: argparse.Namespace) -> None:
