@@ -63,7 +63,9 @@ def _device(manifest: dict) -> tvm.runtime.Device:
 
 
 class Session:
-    """A loaded artifact with its current parameters and optimizer state."""
+    """A loaded artifact with its current parameters and optimizer state. It checks them
+    against the manifest when it loads them; the compiled functions check only the batch at
+    each call (passes/input_checks.py)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         directory = os.fspath(directory)
@@ -124,13 +126,18 @@ class Session:
             raise CheckpointError(f"checkpoint {os.fspath(path)}: {err}") from err
 
     def _set_state(self, state: TrainState) -> None:
-        expected = {p["name"]: (tuple(p["shape"]), p["dtype"]) for p in self.manifest["params"]}
-        got = {name: (value.shape, str(value.dtype)) for name, value in state.params.items()}
-        optim = [(tuple(s["shape"]), s["dtype"]) for s in self.manifest["optim_state"]]
-        if got != expected or [(v.shape, str(v.dtype)) for v in state.optim] != optim:
-            wrong = sorted(n for n in expected.keys() | got.keys() if got.get(n) != expected.get(n))
-            raise ArtifactError(f"parameters or optimizer state do not match the manifest "
-                                f"(first mismatches: {wrong[:5]})")
+        """Take ``state`` as the current one, after checking every tensor's dtype and shape
+        against the manifest (the compiled functions do not check them at each call)."""
+        m = self.manifest
+        expected = _specs({p["name"]: (p["dtype"], p["shape"]) for p in m["params"]},
+                          [(s["dtype"], s["shape"]) for s in m["optim_state"]])
+        got = _specs({n: (v.dtype, v.shape) for n, v in state.params.items()},
+                     [(v.dtype, v.shape) for v in state.optim])
+        wrong = [k for k in {**expected, **got} if got.get(k) != expected.get(k)]
+        if wrong:
+            raise ArtifactError("parameters or optimizer state do not match the manifest: "
+                                + "; ".join(f"{k} is {got.get(k, 'absent')}, the manifest has "
+                                            f"{expected.get(k, 'none')}" for k in wrong[:5]))
         self._params = [tvm.runtime.tensor(state.params[n], self.device) for n in self._names]
         self._optim = tuple(tvm.runtime.tensor(v, self.device) for v in state.optim)
         self.steps = int(state.meta.get("steps", 0))
@@ -153,6 +160,13 @@ class Session:
         if y.size and (y.min() < 0 or y.max() >= classes):
             raise InputError(f"labels must lie in [0, {classes}), got [{y.min()}, {y.max()}]")
         return y.astype(np.int64)
+
+
+def _specs(params: dict[str, tuple], optim: list[tuple]) -> dict[str, str]:
+    """``dtype[shape]`` of each parameter and optimizer-state tensor, given as (dtype, shape)."""
+    text = lambda dtype, shape: f"{dtype}{[int(d) for d in shape]}"
+    return {**{f"parameter {n}": text(*spec) for n, spec in params.items()},
+            **{f"optimizer state {i}": text(*spec) for i, spec in enumerate(optim)}}
 
 
 def load(directory: str | os.PathLike) -> Session:

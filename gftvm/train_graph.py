@@ -123,7 +123,7 @@ def build_train_module(forward: tvm.IRModule, trainable: list[str], batch_size: 
         mod)["backbone_loss_adjoint"]
     mod = add_train_step(mod, "backbone_loss_adjoint", optimizer.get_function(), params,
                          trainable, init_state, targets_type)
-    mod["predict"] = mod["backbone"].with_attr("global_symbol", "predict")
+    mod["predict"] = mod["backbone"].with_attrs({"global_symbol": "predict", **data_inputs(1)})
     mod = keep_entries(mod, ["train_step", "predict"])
     return TrainModule(mod, init_params, init_state, adjoint)
 
@@ -134,6 +134,15 @@ def filter_gradients(mod: tvm.IRModule, adjoint_name: str, plan: dict[str, int]
     reductions between filtered layers taken to low resolution."""
     mod = GradientFilter(adjoint_name, plan)(mod)
     return FoldFilteredChain(adjoint_name)(mod)
+
+
+def data_inputs(num: int) -> dict[str, int]:
+    """Function attributes saying that only the first ``num`` inputs (the batch, and for
+    ``train_step`` its labels) change from call to call. TVM's VMShapeLower then checks only
+    those at each call; the rest are the parameters and optimizer state, which the runtime's
+    Session checks once, when it loads them (two VM calls per tensor saved: 5 % of a
+    MobileNetV2 step)."""
+    return {"num_input": num}
 
 
 def add_train_step(mod: tvm.IRModule, adjoint_name: str, optimizer: relax.Function,
@@ -150,7 +159,7 @@ def add_train_step(mod: tvm.IRModule, adjoint_name: str, optimizer: relax.Functi
 
     bb = relax.BlockBuilder(mod)
     optimizer_gv = bb.add_func(optimizer, "optimizer")
-    with bb.function("train_step", [image, targets, *param_vars, *state]):
+    with bb.function("train_step", [image, targets, *param_vars, *state], data_inputs(2)):
         with bb.dataflow():
             adjoint = bb.emit(relax.Call(mod.get_global_var(adjoint_name),
                                          [image, *param_vars, targets]))

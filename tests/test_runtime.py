@@ -1,12 +1,15 @@
 """Runtime behaviour: checkpoints, resumption, input validation, artifact integrity."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import tvm
+from tvm import relax
 
 import gftvm
 from gftvm import state
@@ -66,6 +69,45 @@ def test_step_rejects_bad_inputs(artifact_dir, x, y, message):
     with pytest.raises(gftvm.InputError, match=message):
         session.step(x, y)
     assert session.steps == 0
+    for name, value in session.parameters().items():
+        assert np.array_equal(value, before[name])
+
+
+def checked_inputs(library) -> dict[str, list[int]]:
+    """Per VM function, the inputs (by position) that each call checks."""
+    text = relax.VMExecutable(library).as_text()
+    return {name: [int(i) for i in re.findall(r"check_tensor_info in: %(\d+),", body)]
+            for name, body in re.findall(r"^@(\w+):\n(.*?)(?=^@|\Z)", text, re.M | re.S)}
+
+
+def test_calls_check_only_the_batch(artifact_dir):
+    """The parameters and optimizer state are checked when the Session loads them, not at
+    every call; a direct VM call still checks the batch, and names it."""
+    library = tvm.runtime.load_module(str(artifact_dir / "train_step.so"))
+    checked = checked_inputs(library)
+    assert checked["train_step"] == [0, 1] and checked["predict"] == [0]
+    saved = state.read_state(artifact_dir / "state.npz")
+    x, y = BATCHES[0]
+    train_step = relax.VirtualMachine(library, tvm.cpu())["train_step"]
+    args = [tvm.runtime.tensor(v) for v in [*saved.params.values(), *saved.optim]]
+    with pytest.raises(Exception, match="param=input"):
+        train_step(tvm.runtime.tensor(x[:2]), tvm.runtime.tensor(y), *args)
+
+
+def test_checkpoint_with_a_wrong_tensor_is_refused(artifact_dir, tmp_path):
+    session = gftvm.runtime.load(artifact_dir)
+    path = tmp_path / "ckpt.npz"
+    session.save_checkpoint(path)
+    saved = state.read_state(path)
+    name, value = next(iter(saved.params.items()))
+    saved.params[name] = value[:1]
+    saved.optim[0] = saved.optim[0].astype(np.float64)
+    state.write_state(path, saved)
+    before = session.parameters()
+    wrong = (rf"parameter {re.escape(name)} is float32\[1, .*\], the manifest has "
+             rf"float32\[{value.shape[0]}, .*optimizer state 0 is float64")
+    with pytest.raises(gftvm.CheckpointError, match=wrong):
+        session.load_checkpoint(path)
     for name, value in session.parameters().items():
         assert np.array_equal(value, before[name])
 

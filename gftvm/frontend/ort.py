@@ -31,7 +31,8 @@ from tvm import relax
 from ..errors import CheckpointError, ConfigError, ModelError
 from ..runtime import read_manifest
 from ..state import TrainState, read_state, write_state
-from ..train_graph import TrainModule, add_train_step, filter_gradients, keep_entries
+from ..train_graph import (TrainModule, add_train_step, data_inputs, filter_gradients,
+                           keep_entries)
 from . import ort_ops
 from .ort_optimizer import OrtOptimizer, read_optimizer
 
@@ -324,7 +325,7 @@ def _predict(art: OrtArtifact, sig: Signature, batch_size: int, params: list[rel
     image = relax.Var(sig.image.name, _tensor_type(sig.image, batch_size))
     param_vars = [relax.Var(p.name, p.ty) for p in params]
     bb = relax.BlockBuilder(mod)
-    with bb.function("predict", [image, *param_vars]):
+    with bb.function("predict", [image, *param_vars], data_inputs(1)):
         with bb.dataflow():
             translator = _translate(bb, graph, where,
                                     {image.name: image, **{v.name: v for v in param_vars}},
