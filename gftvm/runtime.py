@@ -76,6 +76,10 @@ class Session:
         self._vm = VirtualMachine(library, self.device)
         self._names = [p["name"] for p in self.manifest["params"]]
         self._trainable = [self._names.index(n) for n in self.manifest["trainable"]]
+        spec = self.manifest["input"]
+        self._x = tvm.runtime.empty(spec["shape"], spec["dtype"], self.device)
+        self._y = tvm.runtime.empty([spec["shape"][0]], "int64", self.device)
+        self._in_place = False
         try:
             state = read_state(os.path.join(directory, files["state"]["path"]))
         except ValueError as err:
@@ -85,21 +89,32 @@ class Session:
     # -- training ---------------------------------------------------------------------------
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimizer step on the batch; returns the mean cross-entropy before the update.
-        ``train_step`` writes the new parameters and optimizer state over the tensors it is
-        given (InPlaceStateUpdate), so the Session hands it its own and keeps what it returns."""
-        x_t = tvm.runtime.tensor(self._check_input(x), self.device)
-        y_t = tvm.runtime.tensor(self._check_labels(y), self.device)
-        loss, updated, state = self._vm["train_step"](x_t, y_t, *self._params, *self._optim)
+        The batch is copied into tensors the Session keeps (a new tensor per step costs more
+        than the copy, and it is cold in cache)."""
+        self._x.copyfrom(self._check_input(x))
+        self._y.copyfrom(self._check_labels(y))
+        loss, updated, state = self._vm["train_step"](self._x, self._y, *self._params,
+                                                      *self._optim)
+        if not self._in_place:
+            self._keep(updated, state)
+        self.steps += 1
+        return float(np.from_dlpack(loss))
+
+    def _keep(self, updated, state) -> None:
+        """Hold the step's new parameters and optimizer state. ``train_step`` writes them over
+        the tensors it is given where it can (InPlaceStateUpdate), so the Session hands it its
+        own. Where it wrote all of them in place, it does so at every step (the same code runs),
+        and the Session stops looking: that saves reading back hundreds of tensors per step."""
+        given = [*(self._params[i] for i in self._trainable), *self._optim]
+        self._in_place = all(new.same_as(old) for new, old in zip([*updated, *state], given))
         for index, value in zip(self._trainable, updated):
             self._params[index] = value
         self._optim = tuple(state)
-        self.steps += 1
-        return float(loss.numpy())
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits for the batch, with the current parameters."""
-        x_t = tvm.runtime.tensor(self._check_input(x), self.device)
-        return self._vm["predict"](x_t, *self._params).numpy()
+        self._x.copyfrom(self._check_input(x))
+        return self._vm["predict"](self._x, *self._params).numpy()
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Current parameters by ONNX initializer name."""

@@ -12,7 +12,7 @@ import tvm
 from tvm import relax
 
 import gftvm
-from gftvm import state
+from gftvm import state, tuning
 from reference import random_batches
 
 BATCHES = random_batches(4, 4)
@@ -71,6 +71,22 @@ def test_step_rejects_bad_inputs(artifact_dir, x, y, message):
     assert session.steps == 0
     for name, value in session.parameters().items():
         assert np.array_equal(value, before[name])
+
+
+def test_a_step_that_returns_new_tensors_trains_the_same(artifact_dir, mcunet_onnx, tmp_path,
+                                                         monkeypatch):
+    """Without InPlaceStateUpdate, train_step returns new parameter and state tensors, and the
+    Session must keep them at every step (it stops looking only when a step wrote all of them
+    in place)."""
+    monkeypatch.setattr(tuning, "InPlaceStateUpdate", lambda *_: tvm.transform.Sequential([]))
+    gftvm.compile(mcunet_onnx, trainable="last:4", batch_size=4, optimizer="sgd", lr=0.01,
+                  momentum=0.9).save(tmp_path / "copying")
+    in_place, copying = gftvm.runtime.load(artifact_dir), gftvm.runtime.load(tmp_path / "copying")
+    for x, y in BATCHES[:3]:
+        np.testing.assert_allclose(copying.step(x, y), in_place.step(x, y), rtol=1e-6)
+    expected = in_place.parameters()
+    for name, value in copying.parameters().items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-7)
 
 
 def checked_inputs(library) -> dict[str, list[int]]:
