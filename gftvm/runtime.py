@@ -20,6 +20,8 @@ from .state import TrainState, read_state, write_state
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+#: The libraries this process has loaded, by real path, with their checksums.
+_LOADED: dict[str, str] = {}
 
 
 def sha256(path: str) -> str:
@@ -53,6 +55,18 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
+def _load_library(path: str, checksum: str) -> tvm.runtime.Module:
+    """Load the artifact's library, unless this process loaded another file from that path:
+    dlopen would return the library it loaded first, and a step would run the old code on
+    the new artifact's tensors (whose shapes the compiled functions do not check)."""
+    path = os.path.realpath(path)
+    if _LOADED.setdefault(path, checksum) != checksum:
+        raise ArtifactError(f"{path} was rewritten after this process loaded it, and a process "
+                            f"cannot load a library twice from one path: load the new artifact "
+                            f"in a new process, or save it to another directory")
+    return tvm.runtime.load_module(path)
+
+
 def _device(manifest: dict) -> tvm.runtime.Device:
     """The CPU, if the artifact was built for this machine's architecture."""
     target = manifest["target"]
@@ -65,14 +79,15 @@ def _device(manifest: dict) -> tvm.runtime.Device:
 class Session:
     """A loaded artifact with its current parameters and optimizer state. It checks them
     against the manifest when it loads them; the compiled functions check only the batch at
-    each call (passes/input_checks.py)."""
+    each call (``train_graph.data_inputs``)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         directory = os.fspath(directory)
         self.manifest = read_manifest(directory)
         self.device = _device(self.manifest)
         files = self.manifest["files"]
-        library = tvm.runtime.load_module(os.path.join(directory, files["library"]["path"]))
+        library = _load_library(os.path.join(directory, files["library"]["path"]),
+                                files["library"]["sha256"])
         self._vm = VirtualMachine(library, self.device)
         self._names = [p["name"] for p in self.manifest["params"]]
         self._trainable = [self._names.index(n) for n in self.manifest["trainable"]]
@@ -101,10 +116,9 @@ class Session:
         return float(np.from_dlpack(loss))
 
     def _keep(self, updated, state) -> None:
-        """Hold the step's new parameters and optimizer state. ``train_step`` writes them over
-        the tensors it is given where it can (InPlaceStateUpdate), so the Session hands it its
-        own. Where it wrote all of them in place, it does so at every step (the same code runs),
-        and the Session stops looking: that saves reading back hundreds of tensors per step."""
+        """Hold the step's new parameters and optimizer state. A step that wrote all of them
+        over the tensors it was given (InPlaceStateUpdate) does so at every step (the same code
+        runs), and then the Session stops reading them back (hundreds of tensors per step)."""
         given = [*(self._params[i] for i in self._trainable), *self._optim]
         self._in_place = all(new.same_as(old) for new, old in zip([*updated, *state], given))
         for index, value in zip(self._trainable, updated):

@@ -1,5 +1,6 @@
 """Runtime behaviour: checkpoints, resumption, input validation, artifact integrity."""
 
+import json
 import os
 import re
 import shutil
@@ -141,6 +142,21 @@ def test_missing_artifact_file(artifact_dir, tmp_path):
         gftvm.runtime.load(target)
     with pytest.raises(gftvm.ArtifactError, match="manifest.json is missing"):
         gftvm.runtime.load(tmp_path)
+
+
+def test_a_library_rewritten_after_loading_is_refused(artifact_dir, tmp_path):
+    """dlopen returns the library it first loaded from a path, so a Session of an artifact
+    saved again over a loaded one would run the old code: the runtime refuses it."""
+    target = copy_artifact(artifact_dir, tmp_path)
+    gftvm.runtime.load(target)
+    library = target / "train_step.so"
+    (target / "new.so").write_bytes(library.read_bytes() + b"\0")
+    os.replace(target / "new.so", library)  # a new file, as Artifact.save writes it
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"]["library"]["sha256"] = gftvm.runtime.sha256(str(library))
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(gftvm.ArtifactError, match="rewritten after this process loaded it"):
+        gftvm.runtime.load(target)
 
 
 def test_corrupted_library_fails_the_checksum(artifact_dir, tmp_path):
