@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import tempfile
 
 import numpy as np
 import torch
@@ -89,10 +90,11 @@ def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: 
     """Compile ``path`` (exported from ``model``, with the tuning database ``schedules``), train
     ``steps`` steps, and check loss and parameters against PyTorch autograd (with the eager
     gradient filter when ``filter``); parameters within ``atol`` (and rtol 1e-4)."""
-    tmp_path = path.parent
+    # A directory of its own: a process cannot load a second library from one path.
+    directory = tempfile.mkdtemp(prefix="art-", dir=path.parent)
     gftvm.compile(path, trainable=trainable, batch_size=BATCH, filter=filter,
-                  schedules=schedules, **OPTIMIZERS[optimizer]).save(tmp_path / "art")
-    session = gftvm.runtime.load(tmp_path / "art")
+                  schedules=schedules, **OPTIMIZERS[optimizer]).save(directory)
+    session = gftvm.runtime.load(directory)
     model = copy.deepcopy(model)
     if filter is not None:
         plan = session.manifest["gradient_filter"]["plan"]
