@@ -60,11 +60,13 @@ def _load_library(path: str, checksum: str) -> tvm.runtime.Module:
     dlopen would return the library it loaded first, and a step would run the old code on
     the new artifact's tensors (whose shapes the compiled functions do not check)."""
     path = os.path.realpath(path)
-    if _LOADED.setdefault(path, checksum) != checksum:
+    if _LOADED.get(path, checksum) != checksum:
         raise ArtifactError(f"{path} was rewritten after this process loaded it, and a process "
                             f"cannot load a library twice from one path: load the new artifact "
                             f"in a new process, or save it to another directory")
-    return tvm.runtime.load_module(path)
+    library = tvm.runtime.load_module(path)
+    _LOADED[path] = checksum
+    return library
 
 
 def _device(manifest: dict) -> tvm.runtime.Device:
