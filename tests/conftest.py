@@ -8,7 +8,7 @@ import time
 import pytest
 
 import gftvm
-from reference import export, free_port, prepared_model
+from reference import ARTIFACT_OPTIONS, export, free_port, prepared_model
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +20,7 @@ def mcunet_onnx(tmp_path_factory):
 def artifact_dir(mcunet_onnx, tmp_path_factory):
     """MCUNet, last 4 conv layers trained with SGD + momentum, batch 4, saved once."""
     directory = tmp_path_factory.mktemp("artifact")
-    gftvm.compile(mcunet_onnx, trainable="last:4", batch_size=4, optimizer="sgd", lr=0.01,
-                  momentum=0.9).save(directory)
+    gftvm.compile(mcunet_onnx, **ARTIFACT_OPTIONS).save(directory)
     return directory
 
 

@@ -82,6 +82,8 @@ OPTIMIZERS = {
     "adam": dict(optimizer="adam", lr=1e-4, eps=1e-2),
 }
 BATCH = 4
+#: How the shared ``artifact_dir`` fixture compiles MCUNet.
+ARTIFACT_OPTIONS = dict(trainable="last:4", batch_size=4, optimizer="sgd", lr=0.01, momentum=0.9)
 
 
 def check_parity(model: nn.Module, path, trainable, optimizer: str, image_size: int = 32,

@@ -14,7 +14,7 @@ from tvm import relax
 
 import gftvm
 from gftvm import state, tuning
-from reference import random_batches
+from reference import ARTIFACT_OPTIONS, random_batches
 
 BATCHES = random_batches(4, 4)
 
@@ -80,8 +80,7 @@ def test_a_step_that_returns_new_tensors_trains_the_same(artifact_dir, mcunet_on
     Session must keep them at every step (it stops looking only when a step wrote all of them
     in place)."""
     monkeypatch.setattr(tuning, "InPlaceStateUpdate", lambda *_: tvm.transform.Sequential([]))
-    gftvm.compile(mcunet_onnx, trainable="last:4", batch_size=4, optimizer="sgd", lr=0.01,
-                  momentum=0.9).save(tmp_path / "copying")
+    gftvm.compile(mcunet_onnx, **ARTIFACT_OPTIONS).save(tmp_path / "copying")
     in_place, copying = gftvm.runtime.load(artifact_dir), gftvm.runtime.load(tmp_path / "copying")
     for x, y in BATCHES[:3]:
         np.testing.assert_allclose(copying.step(x, y), in_place.step(x, y), rtol=1e-6)
