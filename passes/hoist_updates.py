@@ -17,6 +17,13 @@ of its views) have run::
     w_new = R.call_tir(update, (m_new, w))      # m_new and w still in cache
     ...
 
+An update can also come too early: Relax's FuseOps emits a fused group where its first
+operation was, so an SGD step ``w - lr * squeeze(g)`` lands where the gradient ``g`` was
+reduced, which can be before a later reader of a view of ``w`` (a BatchNorm scale,
+``expand_dims(gamma)``, read again by the gradient filter's pooled chain). Such an update
+moves down to just after that reader, unless something in between uses its result; otherwise
+InPlaceStateUpdate could not write over the input.
+
 Only bindings move, each after everything it depends on, and nothing reads a donated input
 after its update, so the function computes the same values and InPlaceStateUpdate (which
 runs next) still finds every update at the input's last use.
@@ -48,10 +55,11 @@ def _updated_input(binding: relax.Binding, donated: set[relax.Var]) -> relax.Var
                  and _same_tensor_type(arg, binding.var)), None)
 
 
-def _hoisted(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[relax.Var]
-             ) -> list[relax.Binding]:
-    """``bindings`` with each update of a donated input moved up to just after its operands'
-    definitions and the other readers of the input and of its views."""
+def _placed(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[relax.Var]
+            ) -> list[relax.Binding]:
+    """``bindings`` with each update of a donated input moved to just after its operands'
+    definitions and the other readers of the input and of its views: up, or down where it
+    came before such a reader and nothing in between uses the new value."""
     roots = _view_roots(mod, bindings, donated)
     reads = {b.var: set().union(*(roots.get(v, set()) for v in relax.analysis.free_vars(b.value)))
              for b in bindings}
@@ -64,9 +72,13 @@ def _hoisted(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[rela
         defined = {b.var: i for i, b in enumerate(order)}
         after = [defined[v] for v in relax.analysis.free_vars(binding.value) if v in defined]
         after += [i for i, b in enumerate(order) if i != here and target in reads[b.var]]
-        earliest = max(after, default=-1) + 1
-        if earliest < here:
-            order.insert(earliest, order.pop(here))
+        place = max(after, default=-1) + 1
+        users = [i for i, b in enumerate(order)
+                 if binding.var in relax.analysis.free_vars(b.value)]
+        if place < here:
+            order.insert(place, order.pop(here))
+        elif place > here and min(users, default=place) >= place:
+            order.insert(place - 1, order.pop(here))
     return order
 
 
@@ -89,7 +101,7 @@ class HoistStateUpdates:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         func = mod[self.func_name]
         donated = {p for p in func.params if p.name in self.donated}
-        blocks = [relax.DataflowBlock(_hoisted(mod, list(block.bindings), donated))
+        blocks = [relax.DataflowBlock(_placed(mod, list(block.bindings), donated))
                   if isinstance(block, relax.DataflowBlock) else block
                   for block in func.body.blocks]
         body = relax.BlockBuilder().normalize(relax.SeqExpr(blocks, func.body.body))

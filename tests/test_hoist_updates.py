@@ -25,7 +25,8 @@ def other_work(x: te.Tensor) -> te.Tensor:
 def step(order: list[str]) -> tvm.IRModule:
     """train_step(g, m, w, x) -> (work, read, w_new, m_new), with its bindings emitted in
     ``order``: "momentum", "read" (of w, through a reshape view: the view is emitted first),
-    "work" (unrelated to w) and "update" (of w, from the new momentum)."""
+    "work" (unrelated to w), "update" (of w, from the new momentum) and optionally "use" (of
+    the new w, also returned)."""
     bb = relax.BlockBuilder()
     g, m, w = (relax.Var(n, relax.TensorType((4,), F32)) for n in "gmw")
     x = relax.Var("x", relax.TensorType((4,), F32))
@@ -40,11 +41,14 @@ def step(order: list[str]) -> tvm.IRModule:
                 "work": lambda: bb.emit_te(other_work, x, primfunc_name_hint="other_work"),
                 "update": lambda: bb.emit_te(update, values["momentum"], w,
                                              primfunc_name_hint="update"),
+                "use": lambda: bb.emit_te(other_work, values["update"],
+                                          primfunc_name_hint="use"),
             }
             for name in order:
                 values[name] = emit[name]()
             out = bb.emit_output(relax.Tuple([values[n] for n in
-                                              ("work", "read", "update", "momentum")]))
+                                              ("work", "read", "update", "momentum", "use")
+                                              if n in values]))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -64,7 +68,15 @@ def test_update_moves_after_the_last_read_of_the_view():
 @pytest.mark.parametrize("order, donated", [
     (["momentum", "work", "read", "update"], ["m", "w"]),   # w is read (through a view) late
     (["momentum", "read", "work", "update"], ["m"]),        # w is not donated
-], ids=["read-late", "not-donated"])
+    (["momentum", "update", "use", "read", "work"], ["m", "w"]),  # the new w is used early
+], ids=["read-late", "not-donated", "used-before-the-read"])
 def test_update_stays(order, donated):
     before = step(order)
     tvm.ir.assert_structural_equal(HoistStateUpdates("train_step", donated)(before), before)
+
+
+def test_update_moves_down_after_a_later_read_of_the_view():
+    """Relax's FuseOps can emit an update before another reader of the parameter's view."""
+    before = step(["momentum", "update", "read", "work"])
+    after = HoistStateUpdates("train_step", ["m", "w"])(before)
+    tvm.ir.assert_structural_equal(after, step(["momentum", "read", "update", "work"]))

@@ -6,10 +6,13 @@ import tvm
 from tvm import relax, te, topi
 from tvm.script import ir as I, relax as R, tirx as T
 
+import gftvm
 from gftvm.data import synthetic
 from gftvm.passes.inplace_update import InPlaceStateUpdate
 from gftvm.runtime import read_manifest
 from gftvm.state import read_state
+
+from reference import ARTIFACT_OPTIONS
 
 
 @I.ir_module
@@ -122,10 +125,24 @@ def test_left_functional_unless_proven_exact(mod, donated):
     tvm.ir.assert_structural_equal(InPlaceStateUpdate("train_step", donated)(mod), mod)
 
 
-def test_compiled_step_updates_parameters_and_state_in_place(artifact_dir):
-    """MCUNet last:4, SGD with momentum: train_step returns the very tensors it was given for
-    every trained parameter and every state tensor, and leaves the frozen ones alone (the
-    PyTorch-parity tests check the updated values against autograd)."""
+@pytest.fixture(scope="module")
+def filtered_artifact_dir(mcunet_onnx, tmp_path_factory):
+    """MCUNet last:4 with the gradient filter (R2), plain SGD with weight decay: FuseOps put the
+    BatchNorm scales' updates before the filter's last read of them (HoistStateUpdates)."""
+    directory = tmp_path_factory.mktemp("filtered")
+    options = {**ARTIFACT_OPTIONS, "momentum": 0.0, "weight_decay": 1e-4}
+    gftvm.compile(mcunet_onnx, **options,
+                  filter=gftvm.GradientFilter(patch=2, layers="last:4")).save(directory)
+    return directory
+
+
+@pytest.mark.parametrize("artifact", ["artifact_dir", "filtered_artifact_dir"])
+def test_compiled_step_updates_parameters_and_state_in_place(artifact, request):
+    """MCUNet last:4, SGD with momentum, or filtered with weight decay: train_step returns the
+    very tensors it was given for every trained parameter and every state tensor, and leaves
+    the frozen ones alone (the PyTorch-parity tests check the updated values against
+    autograd)."""
+    artifact_dir = request.getfixturevalue(artifact)
     manifest = read_manifest(artifact_dir)
     library = tvm.runtime.load_module(str(artifact_dir / manifest["files"]["library"]["path"]))
     state = read_state(str(artifact_dir / manifest["files"]["state"]["path"]))
