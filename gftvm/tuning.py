@@ -114,15 +114,15 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
     for and ``DefaultCPUSchedule`` for the others (unless ``default_schedule`` is False: TVM's
     naive loops). ``donated`` names, per function, the inputs its callers give up
     (``InPlaceStateUpdate`` writes results over them). Returns the executable and the number
-    of kernels that got a tuned schedule. ``winograd``: see :func:`lower`."""
+    of kernels that got a tuned schedule (not counting the kernels that the Winograd pass
+    writes scheduled). ``winograd``: see :func:`lower`."""
     lowered = lower(mod, target, winograd)
     tuned = 0
     if database is not None:
+        written = _scheduled(lowered)
         with target, database:
             lowered = relax.transform.MetaScheduleApplyDatabase()(lowered)
-        tuned = sum(1 for func in lowered.functions.values()
-                    if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
-                    and SCHEDULED_ATTR in func.attrs)
+        tuned = len(_scheduled(lowered) - written)
     if default_schedule and target.kind.name == "llvm":
         with target:
             lowered = DefaultCPUSchedule()(lowered)
@@ -130,6 +130,13 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
         lowered = HoistStateUpdates(func_name, inputs)(lowered)
         lowered = InPlaceStateUpdate(func_name, inputs)(lowered)
     return tvm.compile(lowered, target=target), tuned
+
+
+def _scheduled(mod: tvm.IRModule) -> set[str]:
+    """Names of the module's kernels that carry a schedule (a record's or one written so)."""
+    return {gvar.name_hint for gvar, func in mod.functions.items()
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+            and SCHEDULED_ATTR in func.attrs}
 
 
 def extract_tasks(mods: Iterable[tvm.IRModule], target: tvm.target.Target
