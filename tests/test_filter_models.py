@@ -28,6 +28,13 @@ def test_filtered_step_matches_reference(name, patch, layers, tmp_path):
     assert len(plan) == int(layers[-1]) and all(layer["patch"] == patch for layer in plan)
 
 
+def test_filtered_step_with_plain_sgd_matches_reference(tmp_path):
+    model = prepared_model("mcunet", image_size=IMAGE)
+    path = export(model, tmp_path / "model.onnx", IMAGE)
+    check_parity(model, path, "last:4", "sgd-plain", image_size=IMAGE,
+                 filter=gftvm.GradientFilter(2, "last:4"))
+
+
 class SmallNet(nn.Module):
     """Three 3x3 convs (one strided, one grouped) on a small odd-sized input."""
 
