@@ -70,7 +70,7 @@ def database_for(spec: TargetSpec, schedules: str | os.PathLike | bool,
     """The records ``gftvm.compile`` applies: those of ``schedules/<target>/`` (when
     ``schedules`` is True) or of a given directory that were tuned on this target's CPU, or
     None. Records of other CPUs are skipped with a warning: a schedule is correct on any CPU
-    of the target's kind, but it is the fastest one measured only on its own CPU."""
+    of the target's kind, but it was measured to be the fastest only on its own CPU."""
     if schedules is False:
         return None
     directory = SCHEDULES / spec.name if schedules is True else Path(schedules)
