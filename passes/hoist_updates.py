@@ -61,8 +61,8 @@ def _placed(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[relax
     definitions and the other readers of the input and of its views: up, or down where it
     came before such a reader and nothing in between uses the new value."""
     roots = _view_roots(mod, bindings, donated)
-    reads = {b.var: set().union(*(roots.get(v, set()) for v in relax.analysis.free_vars(b.value)))
-             for b in bindings}
+    uses = {b.var: set(relax.analysis.free_vars(b.value)) for b in bindings}
+    reads = {var: set().union(*(roots.get(v, set()) for v in used)) for var, used in uses.items()}
     order = list(bindings)
     for binding in bindings:
         target = _updated_input(binding, donated)
@@ -70,11 +70,10 @@ def _placed(mod: tvm.IRModule, bindings: list[relax.Binding], donated: set[relax
             continue
         here = order.index(binding)
         defined = {b.var: i for i, b in enumerate(order)}
-        after = [defined[v] for v in relax.analysis.free_vars(binding.value) if v in defined]
+        after = [defined[v] for v in uses[binding.var] if v in defined]
         after += [i for i, b in enumerate(order) if i != here and target in reads[b.var]]
         place = max(after, default=-1) + 1
-        users = [i for i, b in enumerate(order)
-                 if binding.var in relax.analysis.free_vars(b.value)]
+        users = [i for i, b in enumerate(order) if binding.var in uses[b.var]]
         if place < here:
             order.insert(place, order.pop(here))
         elif place > here and min(users, default=place) >= place:
