@@ -94,6 +94,22 @@ def test_padding_along_rows_only_is_inlined_into_the_pool():
                             for v in tirx.analysis.undefined_vars(binding[var]))
 
 
+def test_padding_beside_the_map_is_copied_row_by_row():
+    """A ceil-mode 4x4 pool of a 6x6 map reads padding beside the map too (a condition per
+    lane): the padded copy stays, but each output row copies just its windows' rows, vectorized,
+    inside the window sums' row loop (so the copy stays in cache), not the whole map
+    ahead of the pool."""
+    scheduled = schedule_kernel(only_kernel(kernels(lambda x: relax.op.nn.avg_pool2d(
+        x, 4, 4, ceil_mode=True, count_include_pad=False), (2, 8, 6, 6))), NEON)
+    sch = s_tir.Schedule(scheduled)
+    pad, rows = sch.get_sblock("pad_temp"), sch.get_sblock("pool_sum_rf_update")
+    row_loops = [sch.get(loop) for loop in sch.get_loops(rows)[:3]]   # n, c, output row p
+    pad_loops = [sch.get(loop) for loop in sch.get_loops(pad)]
+    assert pad_loops[:3] == row_loops
+    assert [int(loop.extent) for loop in pad_loops[3:]] == [4, 2, 4]   # 4 rows of 2 vectors
+    assert pad_loops[-1].kind == tirx.ForKind.VECTORIZED
+
+
 def test_padding_a_window_reads_is_kept():
     """An overlapping 3x3 stride-2 max pool (ResNet's) reads its padding: the padded copy stays
     a block of its own (inlined, its condition would sit in the reduction loops)."""
