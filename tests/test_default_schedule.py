@@ -413,6 +413,15 @@ def test_tap_sum_in_two_plain_loops_per_row():
     tvm.ir.assert_structural_equal(schedule_kernel(before, NEON), expected)
 
 
+def test_tap_sum_loops_compile_to_interleaved_loads():
+    """LLVM vectorizes the tap sum's plain loops: on NEON with ``ld3`` (three vectors loaded
+    de-interleaved), the code the schedule relies on instead of TVM's vectorize."""
+    kernel = schedule_kernel(only_kernel(kernels(tap_sum, (128, 16, 3, 3))), NEON)
+    executable = tvm.compile(tvm.IRModule({"tap_sum": kernel.with_attr(
+        "global_symbol", "tap_sum")}), target=NEON)
+    assert re.search(r"\bld3\s", executable.mod.inspect_source("s"))
+
+
 def test_depthwise_tap_sum_vectorized_across_windows():
     """A depthwise weight's tap sum s[o] has no axis outside o to run rows over: the vector
     along o runs inside the tap loops (lanes one window apart), no relayout copy."""
