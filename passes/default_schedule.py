@@ -437,7 +437,8 @@ def _staged_window_sums(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce
 
     Returns False (nothing changed) unless the output's contiguous axis has an axis outside it
     to run the rows over and steps one window in the input, and a window row is too short for a
-    vector (longer ones are summed in vectors along the row, *rfactor*)."""
+    vector; the other window sums (a depthwise weight's, a sum over 8x8 maps) keep the gathers,
+    not measured against these loops."""
     stmt = sch.get(block)
     window = [a for a in reduce if a.extent > 1]
     axis = _output_axis(stmt, spatial)
@@ -452,8 +453,7 @@ def _staged_window_sums(sch: s_tir.Schedule, block, spatial: list[_Axis], reduce
     loops = sch.get_loops(block)
     outer = loops[:spatial.index(axis)]
     head = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if work >= PARALLEL_MIN_WORK:
-        sch.parallel(head)
+    _parallelize(sch, [head], work)
     sch.unroll(loops[-1])
     sch.compute_at(rows, head)
     # The row buffer's loops in its layout order, fused into one, then its window's taps.

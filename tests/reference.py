@@ -76,8 +76,9 @@ def random_batches(count: int, batch: int, image_size: int = 32, classes: int = 
 
 OPTIMIZERS = {
     "sgd": dict(optimizer="sgd", lr=5e-4, momentum=0.9, weight_decay=1e-4),
-    # Without momentum (FuseOps emits the BatchNorm scales' updates of filtered layers ahead
-    # of the filter's last read of them; HoistStateUpdates moves them down), a larger step.
+    # Without momentum, a larger step: the optimizer whose BatchNorm-scale updates of filtered
+    # layers HoistStateUpdates moves down. This checks the values only; the order is checked
+    # in tests/test_hoist_updates.py and tests/test_inplace_update.py.
     "sgd-plain": dict(optimizer="sgd", lr=0.1, weight_decay=1e-4),
     # Adam's step is lr * g / (|g| + eps): for a gradient within float rounding of zero it
     # turns rounding noise into a full step, in any two implementations. A large eps (and no
