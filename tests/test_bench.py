@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 import tvm
+from tvm import relax
 from tvm.s_tir.analysis import estimate_tir_flops
 
 import gftvm
@@ -133,8 +134,26 @@ def test_layer_profile_times_every_kernel_of_the_backward():
     # every row a kernel; a reshape kernel may run as the VM's builtin (a view) instead
     assert {"avg_pool2d", "sum", "conv2d_transpose", "einsum"} <= set(rows) <= kernels
     assert len(rows) == len(lines) - 1 and all(row[0] > 0 for row in rows.values())
+    assert all(math.isfinite(row[1]) for row in rows.values())  # in place: can be < 0 (noise)
     einsum_bytes = 4 * (2 * 2 * 8 * math.prod(layer.blocks) + 8 * 8)  # g_pool, x_sum -> (8, 8)
-    assert rows["einsum"][3] == pytest.approx(einsum_bytes / 1e6, abs=0.05)
+    assert rows["einsum"][4] == pytest.approx(einsum_bytes / 1e6, abs=0.05)
+
+
+def test_in_place_cost_skips_the_kernel():
+    """The hook behind the profile's in-place column skips just the kernel it names: grad_x is
+    not computed when its low-resolution product is skipped, grad_w still is."""
+    layer = ConvGeometry(2, (2, 8, 6, 10), (8, 8, 3, 3), (2, 8, 6, 10), (1, 1), (1, 1), 1)
+    executable = bench_cli.compiled_filtered_backward(layer)
+    rng = np.random.default_rng(0)
+    inputs = [tvm.runtime.tensor(rng.normal(size=shape).astype("float32"))
+              for shape in (layer.y_shape, (2, 8, *layer.blocks), layer.w_shape)]
+    expected = [t.numpy() for t in relax.VirtualMachine(executable, tvm.cpu())["backward"](
+        *inputs)]
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    vm.set_instrument(bench_profile.skipping("conv2d_transpose"))
+    grad_x, grad_w = [t.numpy() for t in vm["backward"](*inputs)]
+    assert not np.allclose(grad_x, expected[0])
+    np.testing.assert_array_equal(grad_w, expected[1])
 
 
 def test_roofline_floor_is_the_slower_bound():

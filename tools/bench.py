@@ -512,24 +512,31 @@ def layer_profile(layer: ConvGeometry, executable: relax.Executable, inputs: lis
     backward (tools/bench_profile.py), with its FLOPs (TVM's estimate) per second as a share
     of the FMA peak, and the bytes of its arguments (each read or written once: a lower bound
     of its traffic) per second as a share of the copy speed: which kernels keep the backward
-    above its floor."""
+    above its floor. Column ``in bwd``: what the kernel costs inside the backward, the
+    backward's time minus its time with the kernel skipped (:func:`bench_profile.in_place_ms`):
+    it also counts the inputs that the kernel reads from memory rather than cache and the
+    data that it pushes out of cache for the kernels after it."""
     import tvm
     from tvm import relax, s_tir
 
     from gftvm import targets, tuning
-    from bench_profile import kernel_calls, kernel_us
+    from bench_profile import in_place_ms, kernel_calls, kernel_us
 
     lowered = tuning.lower(filtered_backward_module(layer), targets.get("host").tvm_target())
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    lines = [f"{'kernel':36} {'ms':>8} {'GFLOP/s':>8} {'% peak':>7} {'MB':>7} {'GB/s':>6} "
-             f"{'% copy':>7}"]
-    for symbol, args in kernel_calls(vm, "backward", inputs):
+    calls = kernel_calls(vm, "backward", inputs)
+    in_place = in_place_ms(vm, "backward", inputs, list(dict.fromkeys(s for s, _ in calls)),
+                           rounds=5, repeat=repeat)
+    lines = [f"{'kernel':36} {'ms':>8} {'in bwd':>8} {'GFLOP/s':>8} {'% peak':>7} {'MB':>7} "
+             f"{'GB/s':>6} {'% copy':>7}"]
+    for symbol, args in calls:
         ms = kernel_us(executable.mod, symbol, args, repeat) / 1e3
         flops = s_tir.analysis.estimate_tir_flops(tvm.IRModule({"main": lowered[symbol]}))
         nbytes = sum(math.prod(a.shape) * 4 for a in args)
-        lines.append(f"{symbol[:36]:36} {ms:8.4g} {flops / ms / 1e6:8.1f} "
-                     f"{100 * flops / ms / 1e-3 / flops_rate:7.1f} {nbytes / 1e6:7.1f} "
-                     f"{nbytes / ms / 1e6:6.1f} {100 * nbytes / ms / 1e-3 / bandwidth:7.1f}")
+        lines.append(f"{symbol[:36]:36} {ms:8.4g} {in_place[symbol]:8.4g} "
+                     f"{flops / ms / 1e6:8.1f} {100 * flops / ms / 1e-3 / flops_rate:7.1f} "
+                     f"{nbytes / 1e6:7.1f} {nbytes / ms / 1e6:6.1f} "
+                     f"{100 * nbytes / ms / 1e-3 / bandwidth:7.1f}")
     return lines
 
 

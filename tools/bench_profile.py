@@ -157,6 +157,31 @@ def kernel_calls(vm: relax.VirtualMachine, function: str, args: list) -> list[tu
     return calls
 
 
+def skipping(skipped: str | None):
+    """A VM instrument hook that skips the calls of kernel ``skipped`` (None: none)."""
+    return lambda func, symbol, before, ret, *_: int(before and symbol == skipped)
+
+
+def in_place_ms(vm: relax.VirtualMachine, function: str, args: list, symbols: list[str],
+                rounds: int, repeat: int) -> dict[str, float]:
+    """What each kernel in ``symbols`` costs inside runs of ``vm[function]``: the run's time
+    minus its time with that kernel skipped (the instrument hook's SKIP_RUN), the hook set in
+    both so that its own overhead cancels; each the median of ``repeat`` runs, the
+    difference the median of ``rounds`` rounds that time every variant in turn. Unlike a
+    kernel timed alone, this counts the data that the kernel finds out of cache and the data
+    it pushes out of cache for the kernels after it. A kernel called more than once per run
+    is skipped at every call."""
+    times: dict[str | None, list[float]] = {skipped: [] for skipped in [None, *symbols]}
+    for _ in range(rounds):
+        for skipped, runs in times.items():
+            vm.set_instrument(skipping(skipped))
+            runs.append(median_ms(lambda: vm[function](*args), repeat))
+    vm.set_instrument(lambda *_: 0)
+    return {symbol: statistics.median(whole - without for whole, without
+                                      in zip(times[None], times[symbol]))
+            for symbol in symbols}
+
+
 def profile_in_fresh_process(directory: str, threads: int, repeat: int) -> Profile:
     """:func:`profile_train_step` in a new Python process (a profile taken after another in
     the same process was measured up to 2x slower)."""
