@@ -526,7 +526,7 @@ def layer_profile(layer: ConvGeometry, executable: relax.Executable, inputs: lis
     vm = relax.VirtualMachine(executable, tvm.cpu())
     calls = kernel_calls(vm, "backward", inputs)
     in_place = in_place_ms(vm, "backward", inputs, list(dict.fromkeys(s for s, _ in calls)),
-                           rounds=5, repeat=repeat)
+                           rounds=repeat, repeat=repeat)
     lines = [f"{'kernel':36} {'ms':>8} {'in bwd':>8} {'GFLOP/s':>8} {'% peak':>7} {'MB':>7} "
              f"{'GB/s':>6} {'% copy':>7}"]
     for symbol, args in calls:
