@@ -54,6 +54,8 @@
         allows: where it is below a goal (20x at R2, 60x at R4), no filtered backward on this
         machine can reach that goal. --profile F: each kernel of every filtered backward
         timed alone, its FLOP/s against the FMA peak and argument bytes/s against the copy
+        speed, and its cost inside the backward (the backward minus the backward with it
+        skipped: what the kernel reads from memory rather than cache counts there).
 """
 
 from __future__ import annotations
@@ -141,7 +143,9 @@ def parse_args() -> argparse.Namespace:
     layers.add_argument("--plot", default="out/bench_layers.png")
     layers.add_argument("--profile", metavar="FILE",
                         help="also time each kernel of every filtered backward alone, with its "
-                             "share of the FMA peak and of the copy speed, into FILE")
+                             "share of the FMA peak and of the copy speed, and its cost inside "
+                             "the backward (the backward minus the backward with it skipped), "
+                             "into FILE")
     return parser.parse_args()
 
 
@@ -735,7 +739,8 @@ def bench_layers(args: argparse.Namespace) -> None:
     print(f"wrote {args.plot}")
     if args.profile:
         with open(args.profile, "w") as f:
-            f.write(f"Kernels of the filtered backward, each timed alone; "
+            f.write(f"Kernels of the filtered backward, each timed alone (ms) and in place "
+                    f"(in bwd: the backward minus the backward with the kernel skipped); "
                     f"{machine_description(args)}; fp32 FMA peak {flops_rate / 1e9:.1f} GFLOP/s"
                     f"\n\n" + "\n".join(profiles))
         print(f"wrote {args.profile}")
