@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tvm
@@ -157,8 +158,9 @@ def kernel_calls(vm: relax.VirtualMachine, function: str, args: list) -> list[tu
     return calls
 
 
-def skipping(skipped: str | None):
-    """A VM instrument hook that skips the calls of kernel ``skipped`` (None: none)."""
+def skipping(skipped: str | None) -> Callable[..., int]:
+    """A VM instrument hook that skips the calls of kernel ``skipped`` (None: none); the
+    kernels after it read what its outputs held before."""
     return lambda func, symbol, before, ret, *_: int(before and symbol == skipped)
 
 
@@ -166,11 +168,12 @@ def in_place_ms(vm: relax.VirtualMachine, function: str, args: list, symbols: li
                 rounds: int, repeat: int) -> dict[str, float]:
     """What each kernel in ``symbols`` costs inside runs of ``vm[function]``: the run's time
     minus its time with that kernel skipped (the instrument hook's SKIP_RUN), the hook set in
-    both so that its own overhead cancels; each the median of ``repeat`` runs, the
-    difference the median of ``rounds`` rounds that time every variant in turn. Unlike a
-    kernel timed alone, this counts the data that the kernel finds out of cache and the data
-    it pushes out of cache for the kernels after it. A kernel called more than once per run
-    is skipped at every call."""
+    both so that most of its own cost cancels (not in runs of a few hundred microseconds,
+    where the hook, 5-16 us per VM call here, costs as much as the kernels); each the median
+    of ``repeat`` runs, the difference the median of ``rounds`` rounds that time every variant
+    in turn. Unlike a kernel timed alone, this counts the data that the kernel finds out of
+    cache and the data it pushes out of cache for the kernels after it. A kernel called more
+    than once per run is skipped at every call."""
     times: dict[str | None, list[float]] = {skipped: [] for skipped in [None, *symbols]}
     for _ in range(rounds):
         for skipped, runs in times.items():
