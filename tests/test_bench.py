@@ -156,6 +156,34 @@ def test_in_place_cost_skips_the_kernel():
     np.testing.assert_array_equal(grad_w, expected[1])
 
 
+class _ClockedVM:
+    """A stand-in for the Relax VM whose kernels take fixed times on a fake clock, calling the
+    instrument hook before each the way the VM does (a nonzero return skips the kernel)."""
+
+    def __init__(self, kernels: dict[str, float]) -> None:
+        self.kernels, self.now, self.hook = kernels, 0.0, None
+
+    def set_instrument(self, hook) -> None:
+        self.hook = hook
+
+    def clock(self) -> float:
+        return self.now
+
+    def __getitem__(self, function: str):
+        def run():
+            for symbol, seconds in self.kernels.items():
+                if not self.hook(None, symbol, True, None):
+                    self.now += seconds
+        return run
+
+
+def test_in_place_costs_are_what_skipping_each_kernel_saves(monkeypatch):
+    vm = _ClockedVM({"pool": 0.003, "einsum": 0.001})
+    monkeypatch.setattr("gftvm.timing.time.perf_counter", vm.clock)
+    costs = bench_profile.in_place_ms(vm, "backward", [], ["pool", "einsum"], rounds=3, repeat=2)
+    assert costs == pytest.approx({"pool": 3.0, "einsum": 1.0})
+
+
 def test_roofline_floor_is_the_slower_bound():
     assert bench_cli.roofline_floor_ms(2e9, 1e9, 1e12, 1e12) == (2.0, 1.0, 2.0)
     assert bench_cli.roofline_floor_ms(1e9, 3e9, 1e12, 1e12) == (1.0, 3.0, 3.0)
