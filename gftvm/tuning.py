@@ -5,11 +5,11 @@ A kernel is a PrimFunc of the train-step module after legalization and fusion, e
 ``tvm.compile``'s default pipeline lowers it (each Relax op becomes a PrimFunc, then FuseOps and
 FuseTIR merge a conv with its BatchNorm/ReLU6 epilogue and chains of elementwise ops into one).
 Tuning and applying both start from :func:`lower`, so a record's workload is the PrimFunc that
-compilation meets. Kernels without a record get ``DefaultCPUSchedule``. A database directory
-holds MetaSchedule's JSONDatabase files, with records of any number of CPUs, of which compile
-applies only the target CPU's (:func:`database_for`). :func:`merge` keeps the best record per
-workload and CPU, :func:`prune` drops workloads no given train step uses, :func:`slower_than_default` finds the
-records not worth keeping.
+compilation meets. Kernels without a record get ``DefaultCPUSchedule`` (``DefaultGPUSchedule`` on
+GPUs). A database directory holds MetaSchedule's JSONDatabase files, with records of any number
+of CPUs, of which compile applies only the target CPU's (:func:`database_for`). :func:`merge`
+keeps the best record per workload and CPU, :func:`prune` drops workloads no given train step
+uses, :func:`slower_than_default` finds the records not worth keeping.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from tvm.ir.utils import derived_object
 
 from .errors import ConfigError
 from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel, target_cores
+from .passes.gpu_schedule import DefaultGPUSchedule
 from .passes.hoist_updates import HoistStateUpdates
 from .passes.inplace_update import InPlaceStateUpdate
 from .passes.winograd import Winograd
@@ -51,12 +52,13 @@ def tuning_target(spec: TargetSpec) -> tvm.target.Target:
 def lower(mod: tvm.IRModule, target: tvm.target.Target, winograd: bool = True
           ) -> tvm.IRModule:
     """Legalize every Relax op to a TIR kernel and fuse them, as the start of ``tvm.compile``
-    does; on CPU targets, first rewrite 3x3 convs as Winograd products (unless ``winograd``
-    is False; see passes/winograd.py)."""
+    does, but without the schedules that TVM's GPU pipeline gives there (records apply first,
+    then ``DefaultGPUSchedule``); on CPU targets, first rewrite 3x3 convs as Winograd products
+    (unless ``winograd`` is False; see passes/winograd.py)."""
     first = [Winograd()] if winograd and target.kind.name == "llvm" else []
     with target:
         return tvm.transform.Sequential([*first, *relax.pipeline.library_dispatch_passes(target),
-                                         *relax.pipeline.legalize_passes(target)])(mod)
+                                         *relax.backend.cpu_generic.legalize_passes(target)])(mod)
 
 
 def open_database(directory: str | os.PathLike) -> ms.database.JSONDatabase:
@@ -110,11 +112,15 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
                    donated: dict[str, list[str]] | None = None, winograd: bool = True
                    ) -> tuple[relax.Executable, int]:
     """``tvm.compile`` the module, with the database's schedules for the kernels it has records
-    for and ``DefaultCPUSchedule`` for the others (unless ``default_schedule`` is False: TVM's
-    naive loops). ``donated`` names, per function, the inputs its callers give up
-    (``InPlaceStateUpdate`` writes results over them). Returns the executable and the number
+    for and ``DefaultCPUSchedule`` (``DefaultGPUSchedule`` on GPUs) for the others (unless
+    ``default_schedule`` is False: TVM's naive loops, which only CPUs can run). ``donated``
+    names, per function, the inputs its callers give up (``InPlaceStateUpdate`` writes results
+    over them). Returns the executable and the number
     of kernels that got a tuned schedule (not counting the kernels that the Winograd pass
     writes scheduled). ``winograd``: see :func:`lower`."""
+    if not default_schedule and target.kind.name != "llvm":
+        raise ConfigError(f"default_schedule=False: GPU kernels cannot run unscheduled "
+                          f"(target {target.kind.name})")
     lowered = lower(mod, target, winograd)
     tuned = 0
     if database is not None:
@@ -122,13 +128,16 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
         with target, database:
             lowered = relax.transform.MetaScheduleApplyDatabase()(lowered)
         tuned = len(_scheduled(lowered) - written)
-    if default_schedule and target.kind.name == "llvm":
+    if default_schedule:
         with target:
-            lowered = DefaultCPUSchedule()(lowered)
+            lowered = (DefaultCPUSchedule() if target.kind.name == "llvm"
+                       else DefaultGPUSchedule())(lowered)
     for func_name, inputs in (donated or {}).items():
         lowered = HoistStateUpdates(func_name, inputs)(lowered)
         lowered = InPlaceStateUpdate(func_name, inputs)(lowered)
-    return tvm.compile(lowered, target=target), tuned
+    # The generic pipeline on every target, as CPUs get by default: TVM's GPU pipeline would
+    # fuse the scheduled kernels again, into kernels that no rule scheduled.
+    return tvm.compile(lowered, target=target, relax_pipeline=relax.get_pipeline("default")), tuned
 
 
 def _scheduled(mod: tvm.IRModule) -> set[str]:

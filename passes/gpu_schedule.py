@@ -1,0 +1,62 @@
+"""DefaultGPUSchedule: a thread-bound schedule for every GPU kernel that has no tuned one.
+
+A GPU kernel cannot run unscheduled: each of its loops must be bound to thread blocks and
+threads. TVM's dlight rules give such schedules, and TVM's CUDA pipeline applies them in this
+order, taking the first rule that returns one:
+
+- ``Matmul``: shared-memory tiles for products (convs, conv_transposes, weight gradients and
+  the gradient filter's low-resolution products, which dlight reads as batched matmuls);
+- ``GEMV``: matrix-vector products;
+- ``Reduction`` and ``GeneralReduction``: a thread block per output, summing across threads
+  (BatchNorm and bias gradients, pools, the loss);
+- ``Fallback``: one thread per output (elementwise and injective kernels, the rest).
+
+This pass applies the same rules in the same order, but a rule that fails on a kernel is passed
+over like one that does not apply, instead of ending the compile. dlight asserts on three
+kinds of kernel that train steps have: the loss gradient (``Reduction``: its sum reads no
+buffer), a strided conv's ``conv2d_transpose`` (``GEMV``) and a conv whose epilogue slices
+its output (``Matmul``). The next rule's schedule is as correct, if slower. A kernel that no
+rule schedules is an error that names it. Kernels with a schedule already (``tirx.is_scheduled``,
+which a tuning record sets) are left alone.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+
+from ..errors import UnsupportedOpError
+
+SCHEDULED_ATTR = "tirx.is_scheduled"
+RULES = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+         dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
+
+
+def schedule_gpu_kernel(func: tirx.PrimFunc, target: tvm.target.Target, name: str = "main"
+                        ) -> tirx.PrimFunc:
+    """``func`` (the kernel ``name``) with the first dlight rule's schedule for ``target``."""
+    for rule in RULES:
+        try:
+            space = rule.apply(func, target, False)
+        except (AssertionError, s_tir.ScheduleError):
+            continue
+        if space is not None:
+            sch = space if isinstance(space, s_tir.Schedule) else space[0]
+            return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
+    raise UnsupportedOpError(f"kernel {name}: no GPU schedule rule applies to it "
+                      f"(tried {', '.join(type(rule).__name__ for rule in RULES)})")
+
+
+@tvm.transform.module_pass(opt_level=0, name="DefaultGPUSchedule")
+class DefaultGPUSchedule:
+    """Schedule every unscheduled PrimFunc of the module for the current (GPU) target."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = tvm.target.Target.current()
+        mod = mod.clone()
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc) and not (func.attrs and
+                                                        SCHEDULED_ATTR in func.attrs):
+                mod[gvar] = schedule_gpu_kernel(func, target, gvar.name_hint)
+        return mod

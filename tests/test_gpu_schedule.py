@@ -1,0 +1,164 @@
+"""DefaultGPUSchedule: which dlight rule schedules which kernel (Before/Expected), the rule
+failures it passes over, and whole train steps compiled for the Jetson Nano's GPU: every kernel
+within sm_53's limits, and the CUDA C that TVM writes for them compiled offline to sm_53 machine
+code with CUDA 12.9's NVRTC and ptxas (CUDA 13 dropped sm_53). No GPU runs them here, so these
+tests check the schedules' structure and code, not their numbers."""
+
+import ctypes
+import pathlib
+import re
+import subprocess
+
+import nvidia.cuda_cccl
+import nvidia.cuda_nvcc
+import nvidia.cuda_nvrtc
+import pytest
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir import meta_schedule as ms
+
+import gftvm
+from gftvm import compiler, tuning
+from gftvm.errors import ConfigError, UnsupportedOpError
+from gftvm.passes import gpu_schedule
+from gftvm.passes.gpu_schedule import SCHEDULED_ATTR, DefaultGPUSchedule, schedule_gpu_kernel
+from reference import export, prepared_model
+
+JETSON_GPU = tvm.target.Target("nvidia/jetson-nano", host={"kind": "llvm"})
+
+
+def only_kernel(build, *params: tuple[tuple[int, ...], str]) -> tirx.PrimFunc:
+    """The one legalized kernel of a one-op Relax function ``build(*params)``."""
+    bb = relax.BlockBuilder()
+    args = [relax.Var(f"p{i}", relax.TensorType(shape, dtype))
+            for i, (shape, dtype) in enumerate(params)]
+    with bb.function("main", args):
+        with bb.dataflow():
+            out = bb.emit_output(build(*args))
+        bb.emit_func_output(out)
+    (func,) = [f for f in tuning.lower(bb.get(), JETSON_GPU).functions.values()
+               if isinstance(f, tirx.PrimFunc)]
+    return func
+
+
+def by_rule(rule: dlight.ScheduleRule, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    return rule.apply(func, JETSON_GPU, False).mod["main"].with_attr(SCHEDULED_ATTR, True)
+
+
+CONV = (lambda x, w: relax.op.nn.conv2d(x, w, padding=1),
+        ((8, 16, 8, 8), "float32"), ((16, 16, 3, 3), "float32"))
+POOL = (lambda x: relax.op.nn.avg_pool2d(x, 2, 2), ((8, 16, 8, 8), "float32"))
+RELU = (lambda x: relax.op.nn.relu(x), ((8, 16, 8, 8), "float32"))
+#: dlight's Reduction rule asserts on it: its sum reads no buffer.
+LOSS_GRAD = (lambda g, p, t: relax.op.grad.nll_loss_backward(g, p, t),
+             ((), "float32"), ((8, 10), "float32"), ((8,), "int64"))
+
+
+@pytest.mark.parametrize("case, rule", [
+    (CONV, dlight.gpu.Matmul()),
+    (POOL, dlight.gpu.Reduction()),
+    (RELU, dlight.gpu.Fallback()),
+    (LOSS_GRAD, dlight.gpu.GeneralReduction()),
+], ids=["conv-matmul", "pool-reduction", "relu-fallback", "loss-grad-general-reduction"])
+def test_kernel_gets_the_first_rule_that_schedules_it(case, rule):
+    before = only_kernel(*case)
+    tvm.ir.assert_structural_equal(schedule_gpu_kernel(before, JETSON_GPU), by_rule(rule, before))
+
+
+def test_rule_that_fails_is_passed_over():
+    with pytest.raises(AssertionError):
+        dlight.gpu.Reduction().apply(only_kernel(*LOSS_GRAD), JETSON_GPU, False)
+
+
+def test_kernel_no_rule_schedules_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setattr(gpu_schedule, "RULES", (dlight.gpu.Matmul(),))
+    with pytest.raises(UnsupportedOpError, match="kernel relu_7: no GPU schedule rule applies"):
+        schedule_gpu_kernel(only_kernel(*RELU), JETSON_GPU, "relu_7")
+
+
+def test_tuned_kernels_are_left_alone():
+    func = only_kernel(*CONV).with_attr(SCHEDULED_ATTR, True)
+    with JETSON_GPU:
+        out = DefaultGPUSchedule()(tvm.IRModule({"conv": func}))
+    tvm.ir.assert_structural_equal(out["conv"], func)
+
+
+def test_gpu_kernels_need_a_schedule():
+    with pytest.raises(ConfigError, match="default_schedule=False: GPU kernels cannot run"):
+        tuning.compile_module(tvm.IRModule(), JETSON_GPU, None, default_schedule=False)
+
+
+def within_limits(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
+    """MetaSchedule's check of a GPU kernel against the target's threads per block, shared
+    memory and vector width."""
+    check = ms.postproc.VerifyGPUCode()
+    check._initialize_with_tune_context(ms.TuneContext(mod=tvm.IRModule({"main": func}),
+                                                       target=target))
+    return check.apply(s_tir.Schedule(func))
+
+
+def test_limit_check_can_fail():
+    one_warp = tvm.target.Target({**JETSON_GPU.export(), "max_threads_per_block": 32,
+                                  "max_num_threads": 32}, host={"kind": "llvm"})
+    relu = schedule_gpu_kernel(only_kernel(*RELU), JETSON_GPU)  # 1024 threads per block
+    assert within_limits(relu, JETSON_GPU) and not within_limits(relu, one_warp)
+
+
+def nvrtc_ptx(source: str, arch: str) -> bytes:
+    """PTX for virtual architecture ``arch`` (e.g. compute_53) from CUDA 12.9's NVRTC."""
+    nvrtc = ctypes.CDLL(str(pathlib.Path(nvidia.cuda_nvrtc.__path__[0]) / "lib/libnvrtc.so.12"))
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0,
+                                    None, None) == 0
+    include = pathlib.Path(nvidia.cuda_cccl.__path__[0]) / "include"
+    options = [f"--gpu-architecture={arch}".encode(), f"-I{include}".encode()]
+    status = nvrtc.nvrtcCompileProgram(program, len(options),
+                                       (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert status == 0, log.value.decode()
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetPTX(program, ptx)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    return ptx.value
+
+
+def ptxas_entries(ptx: bytes, arch: str, tmp_path: pathlib.Path) -> set[str]:
+    """Assemble ``ptx`` for ``arch`` (e.g. sm_53) with CUDA 12.9's ptxas; the names of the
+    entry functions it compiled."""
+    (tmp_path / "kernels.ptx").write_bytes(ptx)
+    ptxas = pathlib.Path(nvidia.cuda_nvcc.__path__[0]) / "bin/ptxas"
+    done = subprocess.run([str(ptxas), f"--gpu-name={arch}", "--verbose", "--output-file",
+                           str(tmp_path / "kernels.cubin"), str(tmp_path / "kernels.ptx")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return set(re.findall(r"Compiling entry function '(\w+)'", done.stderr))
+
+
+@pytest.mark.parametrize("model, filter", [
+    ("mobilenetv2-0.35", gftvm.GradientFilter(patch=2, layers="last:4")),
+    ("resnet18", None),
+], ids=["mobilenetv2-gf-r2", "resnet18-bp"])
+def test_train_step_compiles_for_the_jetson_gpu(model, filter, tmp_path):
+    """Every kernel of the train step gets a schedule within sm_53's limits, and TVM's CUDA C
+    for them compiles to sm_53 machine code."""
+    program = compiler.build_program(export(prepared_model(model), tmp_path / "m.onnx"),
+                                     "last:4", 8, filter=filter)
+    with JETSON_GPU:
+        scheduled = DefaultGPUSchedule()(tuning.lower(program.mod, JETSON_GPU))
+    kernels = {gvar.name_hint: func for gvar, func in scheduled.functions.items()
+               if isinstance(func, tirx.PrimFunc)}
+    assert [name for name, func in kernels.items() if not within_limits(func, JETSON_GPU)] == []
+
+    executable, _ = tuning.compile_module(program.mod, JETSON_GPU, None)
+    (cuda,) = [m for m in executable.mod.imports[0].imports if m.kind == "cuda"]
+    ptx = nvrtc_ptx(cuda.inspect_source(), "compute_53")
+    assert b".target sm_53" in ptx
+    # TVM launches a kernel as one or more entry functions: NAME_kernel, NAME_kernel_1, ...
+    launched = {re.sub(r"_kernel(_\d+)?$", "", entry)
+                for entry in ptxas_entries(ptx, "sm_53", tmp_path)}
+    assert launched == set(kernels)
