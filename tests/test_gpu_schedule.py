@@ -89,6 +89,12 @@ def test_gpu_kernels_need_a_schedule():
         tuning.compile_module(tvm.IRModule(), JETSON_GPU, None, default_schedule=False)
 
 
+def test_jetson_target_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ConfigError, match="aarch64 needs a CUDA 13 driver and JetPack 4.6 "
+                                          "ships CUDA 10.2"):
+        gftvm.compile(tmp_path / "never_read.onnx", target="jetson-nano")
+
+
 def within_limits(func: tirx.PrimFunc, target: tvm.target.Target) -> bool:
     """MetaSchedule's check of a GPU kernel against the target's threads per block, shared
     memory and vector width."""
