@@ -11,8 +11,12 @@ order, taking the first rule that returns one:
   (BatchNorm and bias gradients, pools, the loss);
 - ``Fallback``: one thread per output (elementwise and injective kernels, the rest).
 
-This pass applies the same rules in the same order, but a rule that fails on a kernel is passed
-over like one that does not apply, instead of ending the compile. dlight asserts on three
+This pass applies the same rules in the same order, with two changes. A kernel whose reductions
+are all shorter than a warp (depthwise and pooling windows, 9 or R² values) skips the rules that
+spread a reduction over threads (``GEMV``, ``Reduction``, ``GeneralReduction``): they would give
+it a block of 256 threads per output value, of which 9 sum, where ``Fallback`` gives each output
+its own thread. And a rule that fails on a kernel is passed over like one that does not apply,
+instead of ending the compile. dlight asserts on three
 kinds of kernel that train steps have: the loss gradient (``Reduction``: its sum reads no
 buffer), a strided conv's ``conv2d_transpose`` (``GEMV``) and a conv whose epilogue slices
 its output (``Matmul``). The next rule's schedule is as correct, if slower. A kernel that no
@@ -22,21 +26,35 @@ which a tuning record sets) are left alone.
 
 from __future__ import annotations
 
+import math
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from ..errors import UnsupportedOpError
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
 RULES = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
          dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
+CROSS_THREAD = (dlight.gpu.GEMV, dlight.gpu.Reduction, dlight.gpu.GeneralReduction)
+
+
+def longest_reduction(func: tirx.PrimFunc) -> int:
+    """The most values that one output of ``func`` sums (1 without reductions)."""
+    blocks = normalize_prim_func(s_tir.Schedule(func)) or []
+    return max((math.prod(int(it.dom) for it in block.iters if it.kind == "R")
+                for block in blocks), default=1)
 
 
 def schedule_gpu_kernel(func: tirx.PrimFunc, target: tvm.target.Target, name: str = "main"
                         ) -> tirx.PrimFunc:
     """``func`` (the kernel ``name``) with the first dlight rule's schedule for ``target``."""
+    short = longest_reduction(func) < int(target.attrs["thread_warp_size"])
     for rule in RULES:
+        if short and isinstance(rule, CROSS_THREAD):
+            continue
         try:
             space = rule.apply(func, target, False)
         except (AssertionError, s_tir.ScheduleError):

@@ -22,7 +22,8 @@ import gftvm
 from gftvm import compiler, tuning
 from gftvm.errors import ConfigError, UnsupportedOpError
 from gftvm.passes import gpu_schedule
-from gftvm.passes.gpu_schedule import SCHEDULED_ATTR, DefaultGPUSchedule, schedule_gpu_kernel
+from gftvm.passes.gpu_schedule import (SCHEDULED_ATTR, DefaultGPUSchedule, longest_reduction,
+                                       schedule_gpu_kernel)
 from reference import export, prepared_model
 
 JETSON_GPU = tvm.target.Target("nvidia/jetson-nano", host={"kind": "llvm"})
@@ -48,22 +49,37 @@ def by_rule(rule: dlight.ScheduleRule, func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 CONV = (lambda x, w: relax.op.nn.conv2d(x, w, padding=1),
         ((8, 16, 8, 8), "float32"), ((16, 16, 3, 3), "float32"))
-POOL = (lambda x: relax.op.nn.avg_pool2d(x, 2, 2), ((8, 16, 8, 8), "float32"))
+SPATIAL_SUM = (lambda x: relax.op.sum(x, axis=[2, 3]), ((8, 16, 8, 8), "float32"))
 RELU = (lambda x: relax.op.nn.relu(x), ((8, 16, 8, 8), "float32"))
-#: dlight's Reduction rule asserts on it: its sum reads no buffer.
+#: Sums 9 values per output, fewer than a warp.
+DEPTHWISE_RELU = (lambda x, w: relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1, groups=16)),
+                  ((8, 16, 8, 8), "float32"), ((16, 1, 3, 3), "float32"))
+POOL = (lambda x: relax.op.nn.avg_pool2d(x, 2, 2), ((8, 16, 8, 8), "float32"))
+#: dlight's Reduction rule asserts on it (its sum reads no buffer); batch 32: a warp long.
 LOSS_GRAD = (lambda g, p, t: relax.op.grad.nll_loss_backward(g, p, t),
-             ((), "float32"), ((8, 10), "float32"), ((8,), "int64"))
+             ((), "float32"), ((32, 10), "float32"), ((32,), "int64"))
 
 
 @pytest.mark.parametrize("case, rule", [
     (CONV, dlight.gpu.Matmul()),
-    (POOL, dlight.gpu.Reduction()),
+    (SPATIAL_SUM, dlight.gpu.Reduction()),
     (RELU, dlight.gpu.Fallback()),
+    (DEPTHWISE_RELU, dlight.gpu.Fallback()),
+    (POOL, dlight.gpu.Fallback()),
     (LOSS_GRAD, dlight.gpu.GeneralReduction()),
-], ids=["conv-matmul", "pool-reduction", "relu-fallback", "loss-grad-general-reduction"])
+], ids=["conv-matmul", "sum-reduction", "relu-fallback", "depthwise-fallback", "pool-fallback",
+        "loss-grad-general-reduction"])
 def test_kernel_gets_the_first_rule_that_schedules_it(case, rule):
     before = only_kernel(*case)
     tvm.ir.assert_structural_equal(schedule_gpu_kernel(before, JETSON_GPU), by_rule(rule, before))
+
+
+def test_short_reductions_skip_the_cross_thread_rules():
+    """dlight's GeneralReduction would take a fused depthwise conv: a block of 256 threads per
+    output value, 9 of them summing."""
+    before = only_kernel(*DEPTHWISE_RELU)
+    assert longest_reduction(before) == 9
+    assert dlight.gpu.GeneralReduction().apply(before, JETSON_GPU, False) is not None
 
 
 def test_rule_that_fails_is_passed_over():
