@@ -262,6 +262,28 @@ def test_steps_are_timed_in_interleaved_rounds(monkeypatch):
                        "naive": {"ms": 7.0, "peak_mib": 30.0}}
 
 
+@pytest.mark.parametrize("no_naive", [False, True])
+def test_no_naive_leaves_out_only_the_naive_loops(monkeypatch, tmp_path, no_naive):
+    """--no-naive compiles no naive-loop step; the other variants stay (no records: no tuned)."""
+    compiled = []
+
+    class Artifact:
+        manifest = {"tuned_kernels": 0}
+
+        def save(self, directory):
+            pass
+
+    def compile(onnx_path, schedules, default_schedule, winograd, **options):
+        compiled.append((default_schedule, winograd))
+        return Artifact()
+    monkeypatch.setattr(gftvm, "compile", compile)
+    args = bench_cli.argparse.Namespace(batch=8, no_naive=no_naive)
+    _, _, variants = bench_cli.compile_gftvm(args, "m.onnx", "last:4", None, 32, str(tmp_path))
+    naive = [] if no_naive else ["naive_ms"]
+    assert list(variants) == [*naive, "direct_ms", "gftvm_ms"]
+    assert ((False, False) in compiled) == (not no_naive)
+
+
 def test_layers_are_timed_in_interleaved_rounds(monkeypatch, tmp_path):
     """A shape's oneDNN BP, compiled GF and eager GF backwards are timed in turn, round after
     round, and the table holds each one's median round; the GF timed is the compiled

@@ -2,7 +2,7 @@
 """Benchmarks, measured side by side in one run with the same thread count.
 
     python tools/bench.py steps  [--models ...] [--train all last:4] [--image-size 32 128]
-                                 [--filter-patch 2 4]                   (--batch 8 or 32)
+                                 [--filter-patch 2 4] [--no-naive]      (--batch 8 or 32)
         train step of each model, trainable set and method (BP; GF per --filter-patch):
         gftvm's compiled step with TVM's naive loops (naive), with gftvm's default schedules
         (gftvm) and with schedules/host/ records too (tuned), gftvm.compile's
@@ -114,6 +114,9 @@ def parse_args() -> argparse.Namespace:
     steps.add_argument("--image-size", type=int, nargs="+", default=[32])
     steps.add_argument("--filter-patch", type=int, nargs="*", default=[],
                        help="also gradient-filtered steps (same layers as --train) with these R")
+    steps.add_argument("--no-naive", action="store_true",
+                       help="leave out TVM's naive loops, a reference only (a ResNet-18 step "
+                            "at 128x128 takes seconds at batch 8)")
     steps.add_argument("--csv", default="bench/results/steps.csv",
                        help="rows, with the machine description and load in comments; plots "
                             "go next to it as <csv stem>_<image size>px.png")
@@ -224,7 +227,7 @@ def bench_config(args: argparse.Namespace, name: str, spec: str, size: int) -> l
         torch_result = results.get((patch, "torch_gf"), results["torch_bp"])
         ort_result = results.get("ort_bp", none)
         row = {"model": name, "train": spec, "method": "BP" if patch is None else f"GF R{patch}",
-               **base, "tuned_ms": None, **columns, **gftvm_columns,
+               **base, "naive_ms": None, "tuned_ms": None, **columns, **gftvm_columns,
                "gftvm_peak_mib": results.get((patch, "tuned_ms"),
                                              results[(patch, "gftvm_ms")])["peak_mib"],
                "torch_bp_ms": results["torch_bp"]["ms"],
@@ -272,6 +275,8 @@ def compile_gftvm(args: argparse.Namespace, onnx_path: str, spec: str, patch: in
     for column, schedules, default, winograd in [
             ("naive_ms", False, False, False), ("direct_ms", False, True, False),
             ("gftvm_ms", False, True, True), ("tuned_ms", True, True, True)]:
+        if column == "naive_ms" and args.no_naive:
+            continue
         start = time.perf_counter()
         artifact = gftvm.compile(onnx_path, schedules=schedules, default_schedule=default,
                                  winograd=winograd, **options)
