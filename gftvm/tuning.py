@@ -115,9 +115,9 @@ def compile_module(mod: tvm.IRModule, target: tvm.target.Target,
     for and ``DefaultCPUSchedule`` (``DefaultGPUSchedule`` on GPUs) for the others (unless
     ``default_schedule`` is False: TVM's naive loops, which only CPUs can run). ``donated``
     names, per function, the inputs its callers give up (``InPlaceStateUpdate`` writes results
-    over them). Returns the executable and the number
-    of kernels that got a tuned schedule (not counting the kernels that the Winograd pass
-    writes scheduled). ``winograd``: see :func:`lower`."""
+    over them). Returns the executable and the number of kernels that got a tuned schedule
+    (not counting the kernels that the Winograd pass writes scheduled). ``winograd``: see
+    :func:`lower`."""
     if not default_schedule and target.kind.name != "llvm":
         raise ConfigError(f"default_schedule=False: GPU kernels cannot run unscheduled "
                           f"(target {target.kind.name})")

@@ -16,12 +16,12 @@ are all shorter than a warp (depthwise and pooling windows, 9 or R² values) ski
 spread a reduction over threads (``GEMV``, ``Reduction``, ``GeneralReduction``): they would give
 it a block of 256 threads per output value, of which 9 sum, where ``Fallback`` gives each output
 its own thread. And a rule that fails on a kernel is passed over like one that does not apply,
-instead of ending the compile. dlight asserts on three
-kinds of kernel that train steps have: the loss gradient (``Reduction``: its sum reads no
-buffer), a strided conv's ``conv2d_transpose`` (``GEMV``) and a conv whose epilogue slices
-its output (``Matmul``). The next rule's schedule is as correct, if slower. A kernel that no
-rule schedules is an error that names it. Kernels with a schedule already (``tirx.is_scheduled``,
-which a tuning record sets) are left alone.
+instead of ending the compile. dlight asserts on three kinds of kernel that train steps have:
+the loss gradient (``Reduction``: its sum reads no buffer), the gradient filter's
+low-resolution depthwise ``conv2d_transpose`` (``GEMV``) and a weight gradient fused with a
+slice and its SGD update (``Matmul``, ResNet-18). The next rule's schedule is as correct, if
+slower. A kernel that no rule schedules is an error that names it. Kernels with a schedule
+already (``tirx.is_scheduled``, which a tuning record sets) are left alone.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def schedule_gpu_kernel(func: tirx.PrimFunc, target: tvm.target.Target, name: st
             sch = space if isinstance(space, s_tir.Schedule) else space[0]
             return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
     raise UnsupportedOpError(f"kernel {name}: no GPU schedule rule applies to it "
-                      f"(tried {', '.join(type(rule).__name__ for rule in RULES)})")
+                             f"(tried {', '.join(type(rule).__name__ for rule in RULES)})")
 
 
 @tvm.transform.module_pass(opt_level=0, name="DefaultGPUSchedule")
