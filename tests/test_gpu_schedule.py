@@ -69,7 +69,9 @@ LOSS_GRAD = (lambda g, p, t: relax.op.grad.nll_loss_backward(g, p, t),
     (LOSS_GRAD, dlight.gpu.GeneralReduction()),
 ], ids=["conv-matmul", "sum-reduction", "relu-fallback", "depthwise-fallback", "pool-fallback",
         "loss-grad-general-reduction"])
-def test_kernel_gets_the_first_rule_that_schedules_it(case, rule):
+def test_each_kind_of_kernel_gets_its_rule(case, rule):
+    """The first dlight rule that schedules it, less the cross-thread rules where it sums fewer
+    values than a warp."""
     before = only_kernel(*case)
     tvm.ir.assert_structural_equal(schedule_gpu_kernel(before, JETSON_GPU), by_rule(rule, before))
 
