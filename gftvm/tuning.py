@@ -28,7 +28,8 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from .errors import ConfigError
-from .passes.default_schedule import DefaultCPUSchedule, schedule_kernel, target_cores
+from .passes.default_schedule import (SCHEDULED_ATTR, DefaultCPUSchedule, schedule_kernel,
+                                      target_cores)
 from .passes.gpu_schedule import DefaultGPUSchedule
 from .passes.hoist_updates import HoistStateUpdates
 from .passes.inplace_update import InPlaceStateUpdate
@@ -37,7 +38,6 @@ from .targets import AARCH64_CXX, TargetSpec
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
-SCHEDULED_ATTR = "tirx.is_scheduled"
 
 
 def tuning_target(spec: TargetSpec) -> tvm.target.Target:

@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -1071,15 +1072,23 @@ def schedule_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.Prim
     return _Scheduler(func, vector_lanes(target), target_cores(target)).run()
 
 
+def schedule_unscheduled(mod: tvm.IRModule,
+                         schedule: Callable[[tirx.PrimFunc, str], tirx.PrimFunc]
+                         ) -> tvm.IRModule:
+    """A copy of ``mod`` (a pass gets the caller's module itself) with ``schedule(func, name)``
+    for every PrimFunc that has no schedule (no ``tirx.is_scheduled``: a tuning record's, or
+    one written scheduled)."""
+    mod = mod.clone()
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, tirx.PrimFunc) and not (func.attrs and SCHEDULED_ATTR in func.attrs):
+            mod[gvar] = schedule(func, gvar.name_hint)
+    return mod
+
+
 @tvm.transform.module_pass(opt_level=0, name="DefaultCPUSchedule")
 class DefaultCPUSchedule:
     """Schedule every unscheduled PrimFunc of the module for the current target."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = tvm.target.Target.current()
-        mod = mod.clone()  # the pass gets the caller's module itself: leave that as it was
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, tirx.PrimFunc) and not (func.attrs and
-                                                        SCHEDULED_ATTR in func.attrs):
-                mod[gvar] = schedule_kernel(func, target)
-        return mod
+        return schedule_unscheduled(mod, lambda func, _name: schedule_kernel(func, target))

@@ -14,8 +14,9 @@ order, taking the first rule that returns one:
 This pass applies the same rules in the same order, with two changes. A kernel whose reductions
 are all shorter than a warp (depthwise and pooling windows, 9 or R² values) skips the rules that
 spread a reduction over threads (``GEMV``, ``Reduction``, ``GeneralReduction``): they would give
-it a block of 256 threads per output value, of which 9 sum, where ``Fallback`` gives each output
-its own thread. And a rule that fails on a kernel is passed over like one that does not apply,
+each output value a thread block of its own (``Reduction``: 4 threads for a 2x2 pool, an eighth
+of a warp; ``GeneralReduction``: 256 for a fused depthwise conv, of which 9 sum), where
+``Fallback`` gives each output its own thread. And a rule that fails on a kernel is passed over like one that does not apply,
 instead of ending the compile. dlight asserts on three kinds of kernel that train steps have:
 the loss gradient (``Reduction``: its sum reads no buffer), the gradient filter's
 low-resolution depthwise ``conv2d_transpose`` (``GEMV``) and a weight gradient fused with a
@@ -34,15 +35,16 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 
 from ..errors import UnsupportedOpError
+from .default_schedule import SCHEDULED_ATTR, schedule_unscheduled
 
-SCHEDULED_ATTR = "tirx.is_scheduled"
 RULES = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
          dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
 CROSS_THREAD = (dlight.gpu.GEMV, dlight.gpu.Reduction, dlight.gpu.GeneralReduction)
 
 
 def longest_reduction(func: tirx.PrimFunc) -> int:
-    """The most values that one output of ``func`` sums (1 without reductions)."""
+    """The most values that one output of ``func`` sums (1 without reductions, and where
+    dlight cannot analyze ``func``: then only the rules that need no cross-thread sum run)."""
     blocks = normalize_prim_func(s_tir.Schedule(func)) or []
     return max((math.prod(int(it.dom) for it in block.iters if it.kind == "R")
                 for block in blocks), default=1)
@@ -72,9 +74,5 @@ class DefaultGPUSchedule:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = tvm.target.Target.current()
-        mod = mod.clone()
-        for gvar, func in list(mod.functions.items()):
-            if isinstance(func, tirx.PrimFunc) and not (func.attrs and
-                                                        SCHEDULED_ATTR in func.attrs):
-                mod[gvar] = schedule_gpu_kernel(func, target, gvar.name_hint)
-        return mod
+        return schedule_unscheduled(mod, lambda func, name: schedule_gpu_kernel(func, target,
+                                                                                name))

@@ -77,14 +77,18 @@ def test_each_kind_of_kernel_gets_its_rule(case, rule):
 
 
 def test_short_reductions_skip_the_cross_thread_rules():
-    """dlight's GeneralReduction would take a fused depthwise conv: a block of 256 threads per
-    output value, 9 of them summing."""
+    """dlight's GeneralReduction would take the fused depthwise conv (a block of 256 threads
+    per output value, 9 of them summing) and its Reduction the pool (4 threads per block)."""
     before = only_kernel(*DEPTHWISE_RELU)
     assert longest_reduction(before) == 9
     assert dlight.gpu.GeneralReduction().apply(before, JETSON_GPU, False) is not None
+    pool = only_kernel(*POOL)
+    assert longest_reduction(pool) == 4
+    assert dlight.gpu.Reduction().apply(pool, JETSON_GPU, False) is not None
 
 
-def test_rule_that_fails_is_passed_over():
+def test_reduction_rule_fails_on_the_loss_gradient():
+    """What the loss-gradient case above passes over."""
     with pytest.raises(AssertionError):
         dlight.gpu.Reduction().apply(only_kernel(*LOSS_GRAD), JETSON_GPU, False)
 
