@@ -284,6 +284,20 @@ def test_no_naive_leaves_out_only_the_naive_loops(monkeypatch, tmp_path, no_naiv
     assert ((False, False) in compiled) == (not no_naive)
 
 
+def test_step_plot_leaves_out_series_without_values():
+    """A series that no row has (the naive loops under --no-naive) gets no bars and no legend
+    entry; one that some rows lack keeps its slot."""
+    rows = [{"model": "m", "train": "last:4", "method": "BP", "direct_ms": 2.0,
+             "gftvm_ms": 1.5, "torch_bp_ms": 4.0},
+            {"model": "m", "train": "last:4", "method": "GF R2", "direct_ms": 1.8,
+             "gftvm_ms": 1.2, "torch_bp_ms": 4.0, "torch_gf_ms": 3.0}]
+    fig, ax = bench_cli.pyplot().subplots()
+    bench_cli.grouped_bars(ax, rows, bench_cli.STEP_BARS["time"])
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["gftvm direct convs", "gftvm default", "PyTorch BP", "PyTorch GF"]
+    assert len(ax.patches) == 2 * len(labels)
+
+
 def test_layers_are_timed_in_interleaved_rounds(monkeypatch, tmp_path):
     """A shape's oneDNN BP, compiled GF and eager GF backwards are timed in turn, round after
     round, and the table holds each one's median round; the GF timed is the compiled

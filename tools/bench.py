@@ -786,9 +786,12 @@ def plot_steps(rows: list[dict], title: str, path: str) -> None:
 
 
 def grouped_bars(ax, rows: list[dict], series: list[tuple[str, str]]) -> None:
-    """One bar per (column, label) in ``series`` for each row; missing values are left out."""
+    """One bar per (column, label) in ``series`` for each row; missing values are left out,
+    and a series with no value in any row (the naive loops under ``--no-naive``) has no bar
+    and no legend entry."""
     import numpy as np
 
+    series = [(column, label) for column, label in series if any(r.get(column) for r in rows)]
     x = np.arange(len(rows))
     bar = 0.8 / len(series)
     for i, (column, label) in enumerate(series):
