@@ -3,6 +3,7 @@
 checkpoints both ways, and errors."""
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,29 @@ class AvgPoolNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(nn.functional.avg_pool2d(self.conv(x), 2).flatten(1))
+
+
+def test_artifacts_are_made_without_ort_info_lines(tmp_path, capfd):
+    """ORT-training's graph builder would write its INFO lines to stderr; they are dropped."""
+    ort.generate_artifacts(AvgPoolNet(), tmp_path, (2, 3, 8, 8))
+    assert "[I:onnxruntime:" not in capfd.readouterr().err
+    assert (tmp_path / "training_model.onnx").exists()
+
+
+def test_info_lines_dropped_keep_other_stderr_lines_and_errors(capfd):
+    """Only ORT's INFO lines go: other lines written to stderr in the block come out after
+    it, also when the block raises, and stderr works as before afterwards."""
+    with pytest.raises(RuntimeError, match="boom"):
+        with ort.ort_info_lines_dropped():
+            os.write(2, b"2026-12-07 [I:onnxruntime:Default, x.cc:1 Apply] info\n")
+            os.write(2, b"2026-12-07 [W:onnxruntime:Default, x.cc:2 Run] warning\n")
+            print("from python", file=sys.stderr)
+            raise RuntimeError("boom")
+    os.write(2, b"after\n")
+    lines = capfd.readouterr().err.splitlines()
+    assert sorted(lines[:-1]) == ["2026-12-07 [W:onnxruntime:Default, x.cc:2 Run] warning",
+                                  "from python"]
+    assert lines[-1] == "after"
 
 
 def test_unsupported_op_names_op_node_and_model(tmp_path):

@@ -20,7 +20,11 @@ time only; the device runtime does not need onnxruntime).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,7 +173,6 @@ def generate_artifacts(model, directory: str | os.PathLike,
     BN momentum 1 (ORT would otherwise update them in place every step, which gftvm does not
     do). ``frozen`` names more parameters to freeze."""
     import copy
-    import tempfile
     import warnings
 
     import onnxruntime
@@ -204,11 +207,36 @@ def generate_artifacts(model, directory: str | os.PathLike,
         raise ConfigError(f"optimizer={optimizer!r} with {adamw}: expected 'sgd', or 'adamw' "
                           f"with onnxblock.optim.AdamW arguments")
     onnxruntime.set_default_logger_severity(3)
-    artifacts.generate_artifacts(proto, requires_grad=[n for n in names if n not in frozen],
-                                 frozen_params=frozen, loss=artifacts.LossType.CrossEntropyLoss,
-                                 optimizer=optimizers[optimizer](),
-                                 artifact_directory=directory)
+    with ort_info_lines_dropped():
+        artifacts.generate_artifacts(proto, requires_grad=[n for n in names if n not in frozen],
+                                     frozen_params=frozen,
+                                     loss=artifacts.LossType.CrossEntropyLoss,
+                                     optimizer=optimizers[optimizer](),
+                                     artifact_directory=directory)
     fix_for_ort(directory)
+
+
+@contextlib.contextmanager
+def ort_info_lines_dropped() -> Iterator[None]:
+    """Drop ORT's INFO lines from the process's stderr (file descriptor 2) while the block
+    runs, and pass every other line on when it ends. ORT-training 1.19.2's gradient-graph
+    builder logs each graph transformer it applies (about 45 lines per artifact) whatever
+    ``onnxruntime.set_default_logger_severity`` says."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if "[I:onnxruntime:" not in line:
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def fix_for_ort(directory: str | os.PathLike) -> None:
