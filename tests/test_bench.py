@@ -291,7 +291,7 @@ def test_step_plot_leaves_out_series_without_values():
              "gftvm_ms": 1.5, "torch_bp_ms": 4.0},
             {"model": "m", "train": "last:4", "method": "GF R2", "direct_ms": 1.8,
              "gftvm_ms": 1.2, "torch_bp_ms": 4.0, "torch_gf_ms": 3.0}]
-    fig, ax = bench_cli.pyplot().subplots()
+    _, ax = bench_cli.pyplot().subplots()
     bench_cli.grouped_bars(ax, rows, bench_cli.STEP_BARS["time"])
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert labels == ["gftvm direct convs", "gftvm default", "PyTorch BP", "PyTorch GF"]
