@@ -11,14 +11,17 @@ order, taking the first rule that returns one:
   (BatchNorm and bias gradients, pools, the loss);
 - ``Fallback``: one thread per output (elementwise and injective kernels, the rest).
 
-This pass applies the same rules in the same order, with two changes. A kernel whose reductions
-are all shorter than a warp (depthwise and pooling windows, 9 or R² values) skips the rules that
-spread a reduction over threads (``GEMV``, ``Reduction``, ``GeneralReduction``): they would give
-each output value a thread block of its own (``Reduction``: 4 threads for a 2x2 pool, an eighth
-of a warp; ``GeneralReduction``: 256 for a fused depthwise conv, of which 9 sum), where
-``Fallback`` gives each output its own thread. And a rule that fails on a kernel is passed over like one that does not apply,
-instead of ending the compile. dlight asserts on three kinds of kernel that train steps have:
-the loss gradient (``Reduction``: its sum reads no buffer), the gradient filter's
+This pass applies the same rules in the same order, with three changes. A kernel whose
+reductions are all shorter than a warp (depthwise and pooling windows, 9 or R² values) skips the
+rules that spread a reduction over threads (``GEMV``, ``Reduction``, ``GeneralReduction``): they
+would give each output value a thread block of its own (``Reduction``: 4 threads for a 2x2
+pool, an eighth of a warp; ``GeneralReduction``: 256 for a fused depthwise conv, of which 9
+sum); they get a thread per output instead. Before ``Fallback`` comes :class:`ThreadPerOutput`: a
+thread per output value of a reduction, as ``Fallback`` gives, which also computes the
+elementwise ops fused after it (a depthwise conv's BatchNorm and ReLU) instead of launching them
+as a second kernel. And a rule that fails on a kernel is passed over like one that does not
+apply, instead of ending the compile. dlight asserts on three kinds of kernel that train steps
+have: the loss gradient (``Reduction``: its sum reads no buffer), the gradient filter's
 low-resolution depthwise ``conv2d_transpose`` (``GEMV``) and a weight gradient fused with a
 slice and its SGD update (``Matmul``, ResNet-18). The next rule's schedule is as correct, if
 slower. A kernel that no rule schedules is an error that names it. Kernels with a schedule
@@ -33,12 +36,47 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import max_threads_per_block, try_inline
+from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 
 from ..errors import UnsupportedOpError
 from .default_schedule import SCHEDULED_ATTR, schedule_unscheduled
 
+class ThreadPerOutput(GPUScheduleRule):
+    """A thread per output value of a kernel's one reduction, which also computes the
+    elementwise ops fused after it (a BatchNorm, a ReLU) for that value. dlight's ``Fallback``
+    gives the reduction a thread per value too, but binds each block on its own, so the
+    elementwise ops run as a second kernel that reads the reduction's output back from global
+    memory. Applies to a reduction followed by injective blocks only (``None`` otherwise)."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool
+              ) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        reduction, *epilogue = try_inline(sch, blocks)
+        kinds = reduction.dom_kind()
+        if not (reduction.is_reduction() and epilogue and set(kinds) == {"S", "R"}
+                and all(block.is_injective() for block in epilogue)):
+            return None
+        loops = sch.get_loops(reduction.block_rv)
+        sch.reorder(*[loop for loop, kind in zip(loops, kinds) if kind == "S"],
+                    *[loop for loop, kind in zip(loops, kinds) if kind == "R"])
+        outputs = sch.fuse(*[loop for loop, kind in zip(loops, kinds) if kind == "S"])
+        blocks_x, threads_x = sch.split(outputs, [None, max_threads_per_block(target)])
+        sch.bind(blocks_x, "blockIdx.x")
+        sch.bind(threads_x, "threadIdx.x")
+        sch.set_scope(reduction.block_rv, 0, "local")  # each thread's value, in a register
+        for block in epilogue:
+            sch.reverse_compute_at(block.block_rv, threads_x)
+        return sch
+
+
 RULES = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
-         dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
+         dlight.gpu.GeneralReduction(), ThreadPerOutput(), dlight.gpu.Fallback())
 CROSS_THREAD = (dlight.gpu.GEMV, dlight.gpu.Reduction, dlight.gpu.GeneralReduction)
 
 

@@ -12,8 +12,11 @@ import subprocess
 import nvidia.cuda_cccl
 import nvidia.cuda_nvcc
 import nvidia.cuda_nvrtc
+import numpy as np
 import pytest
+import torch
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir import meta_schedule as ms
@@ -64,16 +67,75 @@ LOSS_GRAD = (lambda g, p, t: relax.op.grad.nll_loss_backward(g, p, t),
     (CONV, dlight.gpu.Matmul()),
     (SPATIAL_SUM, dlight.gpu.Reduction()),
     (RELU, dlight.gpu.Fallback()),
-    (DEPTHWISE_RELU, dlight.gpu.Fallback()),
-    (POOL, dlight.gpu.Fallback()),
+    (DEPTHWISE_RELU, gpu_schedule.ThreadPerOutput()),
+    (POOL, gpu_schedule.ThreadPerOutput()),
     (LOSS_GRAD, dlight.gpu.GeneralReduction()),
-], ids=["conv-matmul", "sum-reduction", "relu-fallback", "depthwise-fallback", "pool-fallback",
+], ids=["conv-matmul", "sum-reduction", "relu-fallback", "depthwise-thread-per-output",
+         "pool-thread-per-output",
         "loss-grad-general-reduction"])
 def test_each_kind_of_kernel_gets_its_rule(case, rule):
     """The first dlight rule that schedules it, less the cross-thread rules where it sums fewer
     values than a warp."""
     before = only_kernel(*case)
     tvm.ir.assert_structural_equal(schedule_gpu_kernel(before, JETSON_GPU), by_rule(rule, before))
+
+
+def launches(func: tirx.PrimFunc) -> int:
+    """How many kernels ``func`` launches: its loops bound to blockIdx.x."""
+    count = 0
+
+    def visit(loop: tirx.For) -> None:
+        nonlocal count
+        count += loop.kind == tirx.ForKind.THREAD_BINDING and \
+            loop.thread_binding.thread_tag == "blockIdx.x"
+    tvm_ffi.structural_walk(func.body, [(tirx.For, visit)])
+    return count
+
+
+def test_reduction_and_its_epilogue_are_one_kernel():
+    """dlight's Fallback launches the fused depthwise conv and its ReLU as two kernels, the
+    conv's output going through global memory; ThreadPerOutput as one, the conv's value of
+    each thread kept in a register (local scope)."""
+    before = only_kernel(*DEPTHWISE_RELU)
+    assert launches(by_rule(dlight.gpu.Fallback(), before)) == 2
+    after = schedule_gpu_kernel(before, JETSON_GPU)
+    assert launches(after) == 1
+    scopes = {buffer.scope() for block in [after.body.block] for buffer in block.alloc_buffers}
+    assert scopes == {"local"}
+
+
+def serial(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with its thread-bound loops run one iteration after another, as a CPU kernel.
+    Without cross-thread sums or shared memory it computes what the GPU would, so this checks a
+    schedule's indices, predicates and fused ops, not races or the CUDA code."""
+    def unbind(loop: tirx.For) -> tirx.For:
+        if loop.kind != tirx.ForKind.THREAD_BINDING:
+            return loop
+        return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body)
+    return tvm_ffi.structural_map(func, (tirx.For, unbind)).with_attr("global_symbol", "main")
+
+
+@pytest.mark.parametrize("build, reference, shapes", [
+    (DEPTHWISE_RELU[0], lambda x, w: torch.relu(torch.conv2d(x, w, padding=1, groups=16)),
+     [shape for shape, _ in DEPTHWISE_RELU[1:]]),
+    # 735 outputs: one thread block of 1024 whose last threads compute nothing
+    (lambda x, w, b: relax.op.nn.relu(relax.op.nn.conv2d(x, w, padding=1, groups=5) + b),
+     lambda x, w, b: torch.relu(torch.conv2d(x, w, b.flatten(), padding=1, groups=5)),
+     [(3, 5, 7, 7), (5, 1, 3, 3), (1, 5, 1, 1)]),
+    (POOL[0], lambda x: torch.nn.functional.avg_pool2d(x, 2, 2), [POOL[1][0]]),
+], ids=["depthwise-relu", "depthwise-bias-relu-partial-block", "pool"])
+def test_thread_per_output_schedules_compute_the_op(build, reference, shapes):
+    """The GPU schedule, its threads run serially on the CPU, against PyTorch."""
+    func = schedule_gpu_kernel(only_kernel(build, *[(s, "float32") for s in shapes]),
+                               JETSON_GPU)
+    assert launches(func) == 1
+    library = tvm.compile(tvm.IRModule({"main": serial(func)}), target="llvm")
+    inputs = [torch.randn(shape, generator=torch.Generator().manual_seed(i))
+              for i, shape in enumerate(shapes)]
+    expected = reference(*inputs).numpy()
+    out = tvm.runtime.tensor(np.zeros_like(expected))
+    library["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs], out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_short_reductions_skip_the_cross_thread_rules():
