@@ -2,7 +2,8 @@
 failures it passes over, and whole train steps compiled for the Jetson Nano's GPU: every kernel
 within sm_53's limits, and the CUDA C that TVM writes for them compiled offline to sm_53 machine
 code with CUDA 12.9's NVRTC and ptxas (CUDA 13 dropped sm_53). No GPU runs them here, so these
-tests check the schedules' structure and code, not their numbers."""
+tests check the schedules' structure and code, and the numbers only of the thread-per-output
+schedules, their threads run one after another on the CPU."""
 
 import ctypes
 import pathlib
