@@ -11,7 +11,7 @@ order, taking the first rule that returns one:
   (BatchNorm and bias gradients, pools, the loss);
 - ``Fallback``: one thread per output (elementwise and injective kernels, the rest).
 
-This pass applies the same rules in the same order, with three changes. A kernel whose
+This pass applies the same rules in the same order, with four changes. A kernel whose
 reductions are all shorter than a warp (depthwise and pooling windows, 9 or R² values) skips the
 rules that spread a reduction over threads (``GEMV``, ``Reduction``, ``GeneralReduction``): they
 would give each output value a thread block of its own (``Reduction``: 4 threads for a 2x2
@@ -24,8 +24,11 @@ apply, instead of ending the compile. dlight asserts on three kinds of kernel th
 have: the loss gradient (``Reduction``: its sum reads no buffer), the gradient filter's
 low-resolution depthwise ``conv2d_transpose`` (``GEMV``) and a weight gradient fused with a
 slice and its SGD update (``Matmul``, ResNet-18). The next rule's schedule is as correct, if
-slower. A kernel that no rule schedules is an error that names it. Kernels with a schedule
-already (``tirx.is_scheduled``, which a tuning record sets) are left alone.
+slower. Reductions whose reduction axes all have extent 1 are rewritten as the elementwise
+blocks they are before any rule sees them (:func:`without_unit_reductions`): dlight applied
+the ops fused after them twice, a wrong result that MobileNetV2's step had. A kernel that no
+rule schedules is an error that names it. Kernels with a schedule already
+(``tirx.is_scheduled``, which a tuning record sets) are left alone.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -88,9 +92,48 @@ def longest_reduction(func: tirx.PrimFunc) -> int:
                 for block in blocks), default=1)
 
 
+def without_unit_reductions(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with each reduction whose reduction axes all have extent 1 (a depthwise 1x1
+    conv: a dead-tap-pruned 3x3 one on a 1x1 map) written as the elementwise block it is, its
+    initial value combined with its one update. dlight's analysis drops unit axes, takes such a
+    block for a spatial one and inlines the ops after it into both its initialisation and its
+    update, which then apply them twice (``conv - mean`` became ``conv - 2 mean``). The unit
+    loops that bound the reduction axes go too (with them, dlight's analysis gives up)."""
+    unit_loops = []
+
+    def spatial(realize: s_tir.SBlockRealize) -> s_tir.SBlockRealize:
+        block, init = realize.block, realize.block.init
+        reduce = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        if (init is None or not reduce or any(int(iv.dom.extent) != 1 for iv in reduce)
+                or not isinstance(init, tirx.BufferStore)
+                or not isinstance(block.body, tirx.BufferStore)):
+            return realize
+        update = block.body
+        output = lambda load: (load.source.same_as(update.buffer) and
+                               tvm_ffi.structural_equal(load.indices, update.indices))
+        first = lambda var: next((iv.dom.min for iv in reduce if iv.var.same_as(var)), var)
+        at_first = lambda node: tvm_ffi.structural_map(node, (tirx.Var, first))
+        value = tvm_ffi.structural_map(
+            update.value, (tvm.ir.TensorLoad, lambda load: init.value if output(load) else load))
+        keep = [k for k, iv in enumerate(block.iter_vars) if iv.iter_type != tirx.IterVar.CommReduce]
+        unit_loops.extend(v for k, v in enumerate(realize.iter_values)
+                          if k not in keep and isinstance(v, tirx.Var))
+        body = tirx.BufferStore(update.buffer, at_first(value), update.indices)
+        reads = [at_first(r) for r in block.reads if not r.source.same_as(update.buffer)]
+        return s_tir.SBlockRealize(
+            [realize.iter_values[k] for k in keep], realize.predicate,
+            s_tir.SBlock([block.iter_vars[k] for k in keep], reads, block.writes,
+                         block.name_hint, body, None, block.alloc_buffers, block.match_buffers,
+                         block.annotations))
+    def unit_loop_gone(loop: tirx.For) -> tirx.Stmt:
+        return loop.body if any(loop.loop_var.same_as(v) for v in unit_loops) else loop
+    return tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, spatial), (tirx.For, unit_loop_gone)])
+
+
 def schedule_gpu_kernel(func: tirx.PrimFunc, target: tvm.target.Target, name: str = "main"
                         ) -> tirx.PrimFunc:
     """``func`` (the kernel ``name``) with the first dlight rule's schedule for ``target``."""
+    func = without_unit_reductions(func)
     short = longest_reduction(func) < int(target.attrs["thread_warp_size"])
     for rule in RULES:
         if short and isinstance(rule, CROSS_THREAD):
