@@ -46,6 +46,7 @@ from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from ..errors import UnsupportedOpError
 from .default_schedule import SCHEDULED_ATTR, schedule_unscheduled
 
+
 class ThreadPerOutput(GPUScheduleRule):
     """A thread per output value of a kernel's one reduction, which also computes the
     elementwise ops fused after it (a BatchNorm, a ReLU) for that value. dlight's ``Fallback``
@@ -115,7 +116,8 @@ def without_unit_reductions(func: tirx.PrimFunc) -> tirx.PrimFunc:
         at_first = lambda node: tvm_ffi.structural_map(node, (tirx.Var, first))
         value = tvm_ffi.structural_map(
             update.value, (tvm.ir.TensorLoad, lambda load: init.value if output(load) else load))
-        keep = [k for k, iv in enumerate(block.iter_vars) if iv.iter_type != tirx.IterVar.CommReduce]
+        keep = [k for k, iv in enumerate(block.iter_vars)
+                if iv.iter_type != tirx.IterVar.CommReduce]
         unit_loops.extend(v for k, v in enumerate(realize.iter_values)
                           if k not in keep and isinstance(v, tirx.Var))
         body = tirx.BufferStore(update.buffer, at_first(value), update.indices)
@@ -125,9 +127,11 @@ def without_unit_reductions(func: tirx.PrimFunc) -> tirx.PrimFunc:
             s_tir.SBlock([block.iter_vars[k] for k in keep], reads, block.writes,
                          block.name_hint, body, None, block.alloc_buffers, block.match_buffers,
                          block.annotations))
+
     def unit_loop_gone(loop: tirx.For) -> tirx.Stmt:
         return loop.body if any(loop.loop_var.same_as(v) for v in unit_loops) else loop
-    return tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, spatial), (tirx.For, unit_loop_gone)])
+    return tvm_ffi.structural_map(func, [(s_tir.SBlockRealize, spatial),
+                                         (tirx.For, unit_loop_gone)])
 
 
 def schedule_gpu_kernel(func: tirx.PrimFunc, target: tvm.target.Target, name: str = "main"
