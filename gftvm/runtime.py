@@ -107,7 +107,7 @@ class Session:
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One optimizer step on the batch; returns the mean cross-entropy before the update.
         The batch is copied into tensors the Session keeps: a new tensor per step cost more
-        than the copy (README, "Where the time goes")."""
+        than the copy (docs/benchmarks.md, "Where the time goes")."""
         self._x.copyfrom(self._check_input(x))
         self._y.copyfrom(self._check_labels(y))
         loss, updated, state = self._vm["train_step"](self._x, self._y, *self._params,
