@@ -4,8 +4,8 @@
     python tools/deploy.py ARTIFACT user@board --data train.npz [--epochs 3] [--dry-run]
 
 The board needs Python 3.10+ with numpy and the TVM runtime (README, "Targets and the device
-side"); no compiler, no network, no torch/onnx. What is copied: the artifact directory, the data file and
-the runtime-only part of gftvm (runtime, state, errors, train). Training runs as
+side"); no compiler, no network, no torch/onnx. What is copied: the artifact directory, the
+data file and the runtime-only part of gftvm (runtime, state, errors, train). Training runs as
 ``python3 -m gftvm.train`` in REMOTE_DIR, resuming from its checkpoint if one is there.
 """
 
