@@ -67,10 +67,10 @@ class ThreadPerOutput(GPUScheduleRule):
         if not (reduction.is_reduction() and epilogue and set(kinds) == {"S", "R"}
                 and all(block.is_injective() for block in epilogue)):
             return None
-        loops = sch.get_loops(reduction.block_rv)
-        sch.reorder(*[loop for loop, kind in zip(loops, kinds) if kind == "S"],
-                    *[loop for loop, kind in zip(loops, kinds) if kind == "R"])
-        outputs = sch.fuse(*[loop for loop, kind in zip(loops, kinds) if kind == "S"])
+        loops = list(zip(sch.get_loops(reduction.block_rv), kinds))
+        spatial = [loop for loop, kind in loops if kind == "S"]
+        sch.reorder(*spatial, *[loop for loop, kind in loops if kind == "R"])
+        outputs = sch.fuse(*spatial)
         blocks_x, threads_x = sch.split(outputs, [None, max_threads_per_block(target)])
         sch.bind(blocks_x, "blockIdx.x")
         sch.bind(threads_x, "threadIdx.x")
