@@ -61,6 +61,15 @@ BLOCK_BYTES = 1 << 21
 #: per block (session 10's machine: 8x128x16x16, 2048 per element, 1.58x faster; 8x256x8x8,
 #: 512, 0.40x; 8x64x8x8, 512, 0.69x).
 MIN_MACS_PER_WEIGHT = 2048
+#: The least ``C K / (C + K) * tw`` for which the rewrite pays: the products' work per tile
+#: against the transforms' (C input and K output channels per tile), which run vectorized
+#: across the ``tw`` tiles of a tile row, so on narrow maps they leave most lanes idle.
+#: Session 22, znver5 (AVX-512), one conv with K = C, direct vs Winograd (default schedules):
+#: every shape below 256 was slower (32x64x8x8, 64: 0.47x; 8x64x16x16, 128: 0.79x;
+#: 32x128x8x8, 128: 0.79x; 32x64x16x16, 128: 0.88x), every one at 256 or more with
+#: MIN_MACS_PER_WEIGHT faster (32x256x8x8: 1.05x; 8x128x16x16: 1.29x; 8x64x32x32: 1.38x;
+#: 32x256x16x16, 512: 2.25x).
+MIN_PRODUCTS_PER_TRANSFORM = 256
 
 
 def _sum(coefficients, terms: list[str]) -> str:
@@ -175,7 +184,8 @@ def block_plan(n: int, c: int, k: int, th: int, tw: int, lanes: int, cores: int
 
 
 def eligible(call: relax.Call) -> bool:
-    """Whether the rewrite applies to ``call`` and pays (see ``MIN_MACS_PER_WEIGHT``)."""
+    """Whether the rewrite applies to ``call`` and pays (see ``MIN_MACS_PER_WEIGHT`` and
+    ``MIN_PRODUCTS_PER_TRANSFORM``)."""
     if not (isinstance(call, relax.Call) and call.op == tvm.ir.Op.get("relax.nn.conv2d")):
         return False
     a = call.attrs
@@ -183,12 +193,14 @@ def eligible(call: relax.Call) -> bool:
     if not all(isinstance(t, relax.TensorType) and t.dtype == "float32" and t.shape is not None
                and all(isinstance(d, tvm.tirx.IntImm) for d in t.shape) for t in (x, w)):
         return False
-    n, _, h, wd = (int(d) for d in x.shape)
+    n, c, h, wd = (int(d) for d in x.shape)
+    k = int(w.shape[0])
     return ([int(v) for v in list(w.shape)[2:]] == [3, 3] and [int(v) for v in a.strides] == [1, 1]
             and [int(v) for v in a.dilation] == [1, 1] and [int(v) for v in a.padding] == [1] * 4
             and int(a.groups) == 1 and (a.data_layout, a.kernel_layout, a.out_layout)
             == ("NCHW", "OIHW", "NCHW") and str(a.out_dtype or "float32") == "float32"
-            and n * h * wd >= MIN_MACS_PER_WEIGHT)
+            and n * h * wd >= MIN_MACS_PER_WEIGHT
+            and c * k * -(-wd // 4) >= MIN_PRODUCTS_PER_TRANSFORM * (c + k))
 
 
 @relax.expr_functor.mutator

@@ -39,8 +39,10 @@ def rewrite(mod: tvm.IRModule) -> tvm.IRModule:
 
 @pytest.fixture
 def every_size(monkeypatch):
-    """Rewrite small convs too (the pass leaves convs with little work per weight alone)."""
+    """Rewrite small convs too (the pass leaves convs with little work per weight, or few
+    channels per tile row, alone)."""
     monkeypatch.setattr(winograd, "MIN_MACS_PER_WEIGHT", 1)
+    monkeypatch.setattr(winograd, "MIN_PRODUCTS_PER_TRANSFORM", 1)
 
 
 def test_rewrite(every_size):
@@ -90,6 +92,18 @@ def test_little_work_per_weight_stays_direct():
     tvm.ir.assert_structural_equal(rewrite(before), before)
 
 
+@pytest.mark.parametrize("x_shape, rewritten", [
+    ((32, 64, 8, 8), False),     # ResNet-18's layer1 at 32x32, batch 32: 2 tiles per row
+    ((8, 64, 16, 16), False),
+    ((32, 256, 8, 8), True),     # more channels pay for the narrow rows
+    ((8, 128, 16, 16), True),
+    ((8, 64, 32, 32), True),
+])
+def test_few_channels_per_tile_row_stay_direct(x_shape, rewritten):
+    before = conv_module(x_shape, (x_shape[1],) * 2 + (3, 3), padding=1)
+    assert any("winograd" in gvar.name_hint for gvar in rewrite(before).functions) == rewritten
+
+
 @pytest.mark.parametrize("x_shape, k", [
     ((2, 5, 7, 9), 12),     # partial tiles, a register tile of 4 channels
     ((8, 16, 8, 8), 16),    # one block per image
@@ -111,13 +125,14 @@ def test_matches_torch(every_size, x_shape, k):
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
 
 
-def test_tuning_leaves_the_written_kernels_out():
+def test_tuning_leaves_the_written_kernels_out(every_size):
     mod = conv_module((8, 16, 16, 16), (16, 16, 3, 3), padding=1)
+    assert any("winograd" in gvar.name_hint for gvar in tuning.lower(mod, HOST).functions)
     names = [task.task_name for task in tuning.extract_tasks([mod], HOST)]
     assert names and not [name for name in names if "winograd" in name]
 
 
-def test_written_kernels_do_not_count_as_tuned():
+def test_written_kernels_do_not_count_as_tuned(every_size):
     """The manifest's tuned_kernels counts records applied, not Winograd's written kernels."""
     mod = conv_module((8, 16, 16, 16), (16, 16, 3, 3), padding=1)
     assert any("winograd" in gvar.name_hint for gvar in tuning.lower(mod, HOST).functions)
@@ -126,7 +141,7 @@ def test_written_kernels_do_not_count_as_tuned():
 
 
 def test_train_step_matches_pytorch(tmp_path):
-    # ResNet-18 at 128x128, batch 4: layer1's convs (32x32 maps) pass MIN_MACS_PER_WEIGHT.
+    # ResNet-18 at 128x128, batch 4: layer1's convs (32x32 maps) pass both thresholds.
     model = prepared_model("resnet18", image_size=128)
     path = export(model, tmp_path / "model.onnx", image_size=128)
     program = build_program(path, "all", batch_size=4)
