@@ -67,8 +67,8 @@ MIN_MACS_PER_WEIGHT = 2048
 #: Session 22, znver5 (AVX-512), one conv with K = C, direct vs Winograd (default schedules):
 #: every shape below 256 was slower (32x64x8x8, 64: 0.47x; 8x64x16x16, 128: 0.79x;
 #: 32x128x8x8, 128: 0.79x; 32x64x16x16, 128: 0.88x), every one at 256 or more with
-#: MIN_MACS_PER_WEIGHT faster (32x256x8x8: 1.05x; 8x128x16x16: 1.29x; 8x64x32x32: 1.38x;
-#: 32x256x16x16, 512: 2.25x).
+#: MIN_MACS_PER_WEIGHT faster (32x256x8x8, 256: 1.05x; 8x128x16x16, 256: 1.29x; 8x64x32x32,
+#: 256: 1.38x; 32x256x16x16, 512: 2.25x; docs/benchmarks.md has all 16 shapes).
 MIN_PRODUCTS_PER_TRANSFORM = 256
 
 
