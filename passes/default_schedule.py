@@ -147,7 +147,7 @@ REDUCTION_BLOCK_ELEMENTS = 1 << 14
 SLAB_BLOCKS_PER_CORE = 4
 #: The fewest elements of a padded copy made per parallel iteration
 #: (:func:`_pad_per_iteration`); each iteration allocates its part. ResNet's 3x3 stride-2 max
-#: pool, batch 8 and 32, znver5: 65x65 and 33x33 planes 1.1-1.3x faster than the whole copy
+#: pool, batch 8 and 32, znver5: 65x65 and 33x33 planes 1.1-1.35x faster than the whole copy
 #: ahead of the pool, 17x17 planes 2.5x slower.
 PAD_PER_ITERATION_MIN = 1024
 
